@@ -1,0 +1,24 @@
+"""Method registry; importing this package registers every built-in method."""
+
+from . import last_block  # noqa: F401 - registers the last-block methods
+from .base import (
+    Method,
+    MethodParams,
+    available_methods,
+    create_method,
+    describe_methods,
+    make_params,
+    method_class,
+    register,
+)
+
+__all__ = [
+    "Method",
+    "MethodParams",
+    "available_methods",
+    "create_method",
+    "describe_methods",
+    "make_params",
+    "method_class",
+    "register",
+]

@@ -1,0 +1,136 @@
+"""Method protocol and registry: name -> method class with its published hyper-parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..backbone import Backbone
+from ..text import Vocabulary
+
+
+@dataclass
+class MethodParams:
+    """Hyper-parameters every method has."""
+
+    logit_scale: float = 40.0  # temperature of softmax(logit_scale * cos) over the queries
+
+
+class Method:
+    """A dense open-vocabulary method: normalised images in, per-query patch logits out."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    summary: ClassVar[str] = ""
+
+    def __init__(self, params: MethodParams) -> None:
+        """Keep the validated hyper-parameters."""
+        self.params = params
+
+    def logits(self, backbone: Backbone, images: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+        """(B, Q, h, w) float32 logits of normalised (B, 3, H, W) images (patch multiples)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def patch_logits(
+        features: torch.Tensor, grid: tuple[int, int], vocab: Vocabulary, scale: float
+    ) -> torch.Tensor:
+        """scale * cos(patch feature, query) from (B, h*w, D) features -> (B, Q, h, w)."""
+        logits = scale * features @ vocab.embeddings.T.to(features.dtype)
+        b = logits.shape[0]
+        return logits.transpose(1, 2).reshape(b, -1, grid[0], grid[1])
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under cls.name."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or taken")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Registry names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered under name; ValueError lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {available_methods()}") from None
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert an override to the type of the default (ROS and the CLI pass strings/floats)."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "1",
+            "yes",
+            "on",
+            "false",
+            "0",
+            "no",
+            "off",
+        ):
+            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, int | float) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"method parameter {key!r} must be true or false, got {value!r}")
+    if kind in (int, float):
+        try:
+            converted = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"method parameter {key!r} must be a {kind.__name__}, got {value!r}"
+            ) from None
+        if kind is int and isinstance(value, float) and value != converted:
+            raise ValueError(f"method parameter {key!r} must be an integer, got {value!r}")
+        return converted
+    if kind is str:
+        return str(value)
+    return value
+
+
+def make_params(name: str, overrides: Mapping[str, Any] | None = None) -> MethodParams:
+    """The method's published defaults with overrides applied and type-checked."""
+    cls = method_class(name)
+    defaults = cls.Params()
+    fields = {f.name: f for f in dataclasses.fields(defaults)}
+    changes = {}
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            raise ValueError(
+                f"method {name!r} has no parameter {key!r}; its parameters: {sorted(fields)}"
+            )
+        changes[key] = _coerce(key, value, getattr(defaults, key))
+    params = dataclasses.replace(defaults, **changes)
+    check: Callable[[], None] | None = getattr(params, "check", None)
+    if check is not None:
+        check()
+    return params
+
+
+def create_method(name: str, overrides: Mapping[str, Any] | None = None) -> Method:
+    """Instantiate a registered method with its defaults and the given overrides."""
+    return method_class(name)(make_params(name, overrides))
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """Name, summary and default hyper-parameters of every method (for --help and docs)."""
+    return [
+        {"name": n, "summary": c.summary, "params": dataclasses.asdict(c.Params())}
+        for n, c in sorted(_REGISTRY.items())
+    ]

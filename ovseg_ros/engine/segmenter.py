@@ -1,0 +1,291 @@
+"""Segmenter: the engine's one entry point (vocabulary versions, device, precision, Result)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbone import Backbone, build_backbone, default_cache_root
+from .config import SegmenterConfig
+from .inference import resize, slide_logits, to_tensor, whole_logits
+from .methods import Method, create_method
+from .refine import class_probabilities, pamr, suppress_small_classes
+from .text import Progress, TextEncoder, Vocabulary, build_vocabulary
+
+
+@dataclass(frozen=True)
+class Result:
+    """One segmented frame, at the input's resolution, with the vocabulary that labelled it."""
+
+    labels: np.ndarray  # (H, W) uint8 with 255 = unlabeled, or uint16 with 65535 beyond 255 classes
+    confidence: np.ndarray  # (H, W) float32 in [0, 1]: probability of the pixel's winning group
+    fractions: np.ndarray  # (C,) float32: share of the image's pixels labelled with each class
+    scores: np.ndarray  # (C,) float32: mean confidence over each class's pixels (0 if absent)
+    vocabulary: Vocabulary  # the class map the label ids refer to
+    timings: dict[str, float]  # milliseconds: model (resize + network), postprocess, total
+
+    @property
+    def version(self) -> int:
+        """Version of the vocabulary used for this frame."""
+        return self.vocabulary.version
+
+    @property
+    def unlabeled(self) -> int:
+        """The label value meaning unlabeled/background."""
+        return self.vocabulary.unlabeled
+
+    def present(self) -> list[int]:
+        """Ids of the classes that label at least one pixel, largest first."""
+        ids = np.flatnonzero(self.fractions > 0)
+        return [int(i) for i in ids[np.argsort(-self.fractions[ids], kind="stable")]]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description: vocabulary version, classes present, fractions, timings."""
+        names = self.vocabulary.names
+        return {
+            "vocabulary_version": self.version,
+            "size": [int(self.labels.shape[0]), int(self.labels.shape[1])],
+            "unlabeled_fraction": float(np.mean(self.labels == self.unlabeled)),
+            "classes": [
+                {
+                    "id": i,
+                    "name": names[i],
+                    "fraction": round(float(self.fractions[i]), 6),
+                    "score": round(float(self.scores[i]), 6),
+                }
+                for i in self.present()
+            ],
+            "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Accept HxWx3 uint8 RGB; convert HxW / HxWx1 gray and HxWx4 RGBA; reject the rest."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (0-255), got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"image must be HxWx3 RGB (or HxW gray, HxWx4 RGBA), got shape {image.shape}"
+        )
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image is empty: shape {image.shape}")
+    if image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    if image.shape[2] == 4:
+        return image[:, :, :3]
+    return image
+
+
+class Segmenter:
+    """Open-vocabulary segmentation of RGB images with a CLIP ViT and a registered method."""
+
+    def __init__(
+        self,
+        config: SegmenterConfig | None = None,
+        *,
+        backbone: Backbone | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Load the model (or reuse a backbone), build the method and the initial vocabulary."""
+        self.config = (config or SegmenterConfig()).validate()
+        cfg = self.config
+        self.backbone = backbone or build_backbone(
+            cfg.model_name,
+            cfg.model_pretrained,
+            cfg.model_checkpoint,
+            cfg.model_cache_dir,
+            cfg.device,
+            cfg.precision,
+        )
+        cache = (
+            None
+            if cfg.text_cache_dir == "off"
+            else (
+                Path(cfg.text_cache_dir).expanduser()
+                if cfg.text_cache_dir
+                else default_cache_root() / "text"
+            )
+        )
+        self.text = TextEncoder(
+            self.backbone.model, cfg.model_name, self.backbone.device, self.backbone.dtype, cache
+        )
+        self._lock = threading.Lock()
+        self._version = 0
+        self.method: Method = create_method(cfg.method, cfg.method_params)
+        self._vocab: Vocabulary = self._build_vocab(
+            cfg.vocabulary, cfg.background_words, cfg.templates, progress
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where inference runs."""
+        return self.backbone.device
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The vocabulary in use now."""
+        return self._vocab
+
+    def _build_vocab(
+        self,
+        entries: Sequence[str],
+        background: Sequence[str],
+        templates: str,
+        progress: Progress | None,
+    ) -> Vocabulary:
+        """Encode a vocabulary under the next version number (not yet in use)."""
+        with self._lock:
+            self._version += 1
+            version = self._version
+        return build_vocabulary(self.text, version, entries, background, templates, progress)
+
+    def set_vocabulary(
+        self,
+        entries: Sequence[str],
+        background_words: Sequence[str] | None = None,
+        templates: str | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Encode a new vocabulary, swap it in atomically and return its version.
+
+        Invalid entries raise ValueError and leave the current vocabulary in place. Frames being
+        segmented while this runs keep the vocabulary they started with.
+        """
+        cfg = self.config
+        background = cfg.background_words if background_words is None else list(background_words)
+        templates = cfg.templates if templates is None else templates
+        vocab = self._build_vocab(list(entries), background, templates, progress)
+        with self._lock:
+            self._vocab = vocab
+            self.config = dataclasses.replace(
+                cfg,
+                vocabulary=list(entries),
+                background_words=list(background),
+                templates=templates,
+            )
+        return vocab.version
+
+    def set_method(self, name: str, params: dict[str, Any] | None = None) -> None:
+        """Switch method (or its hyper-parameters); ValueError leaves the current one in place."""
+        method = create_method(name, params or {})
+        with self._lock:
+            self.method = method
+            self.config = dataclasses.replace(
+                self.config, method=name, method_params=dict(params or {})
+            )
+
+    def update(self, **changes: Any) -> None:
+        """Change inference/post-processing fields (thresholds, sizes, mode...) atomically."""
+        fixed = {
+            "model_name",
+            "model_pretrained",
+            "model_checkpoint",
+            "model_cache_dir",
+            "device",
+            "precision",
+            "text_cache_dir",
+            "method",
+            "method_params",
+            "vocabulary",
+            "background_words",
+            "templates",
+        }
+        bad = fixed & set(changes)
+        if bad:
+            raise ValueError(
+                f"{sorted(bad)} cannot be changed with update(); use set_vocabulary / set_method "
+                "or build a new Segmenter"
+            )
+        with self._lock:
+            self.config = self.config.replace(**changes)
+
+    def _snapshot(self) -> tuple[SegmenterConfig, Method, Vocabulary]:
+        """Config, method and vocabulary of one consistent moment (a frame uses only these)."""
+        with self._lock:
+            return self.config, self.method, self._vocab
+
+    def _forward(
+        self, rgb: np.ndarray, cfg: SegmenterConfig, method: Method, vocab: Vocabulary
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-query logits (Q, H', W') at the resized scale, and the resized image in [0, 1]."""
+        image = resize(to_tensor(rgb, self.device), cfg.short_side)
+        normed = self.backbone.normalize(image)
+        if cfg.mode == "slide":
+            logits = slide_logits(
+                method, self.backbone, normed, vocab, cfg.crop, cfg.stride, cfg.max_batch
+            )
+        else:
+            logits = whole_logits(method, self.backbone, normed, vocab)
+        return logits, image
+
+    @torch.inference_mode()
+    def dense_logits(self, rgb: np.ndarray) -> tuple[torch.Tensor, Vocabulary]:
+        """Per-query logits (Q, H', W') at the resized scale, with the vocabulary they refer to."""
+        cfg, method, vocab = self._snapshot()
+        return self._forward(as_rgb(rgb), cfg, method, vocab)[0], vocab
+
+    @torch.inference_mode()
+    def segment(self, rgb: np.ndarray) -> Result:
+        """Label every pixel of an RGB image with a class id of the current vocabulary."""
+        t0 = time.perf_counter()
+        rgb = as_rgb(rgb)
+        cfg, method, vocab = self._snapshot()
+        logits, image = self._forward(rgb, cfg, method, vocab)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        labels, confidence = self._labels(logits, image, vocab, cfg, rgb.shape[:2])
+        n = vocab.num_classes
+        labels_np = labels.cpu().numpy().astype(np.uint8 if n <= 255 else np.uint16)
+        conf_np = confidence.cpu().numpy()
+        flat = labels_np.ravel()
+        counts = np.bincount(flat, minlength=n + 1)[:n]
+        sums = np.bincount(flat, weights=conf_np.ravel(), minlength=n + 1)[:n]
+        fractions = (counts / labels_np.size).astype(np.float32)
+        scores = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
+        t2 = time.perf_counter()
+        timings = {
+            "model": (t1 - t0) * 1e3,
+            "postprocess": (t2 - t1) * 1e3,
+            "total": (t2 - t0) * 1e3,
+        }
+        return Result(labels_np, conf_np, fractions, scores, vocab, timings)
+
+    def _labels(
+        self,
+        logits: torch.Tensor,
+        image: torch.Tensor,
+        vocab: Vocabulary,
+        cfg: SegmenterConfig,
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refine, reduce synonyms, apply background rules and thresholds, upsample to size."""
+        if cfg.refine == "pamr":
+            logits = pamr(image, logits.unsqueeze(0))[0]
+        n = vocab.num_classes
+        groups = n + (1 if vocab.background_words else 0)
+        prob = class_probabilities(logits, vocab.query_class, groups)
+        if prob.shape[-2:] != size:
+            prob = F.interpolate(
+                prob.unsqueeze(0), size=size, mode="bilinear", align_corners=False
+            )[0]
+        prob = suppress_small_classes(prob, n, cfg.area_threshold)
+        confidence, labels = prob.max(dim=0)
+        unlabeled = labels >= n
+        if cfg.prob_threshold > 0:
+            unlabeled |= confidence < cfg.prob_threshold
+        labels = labels.to(torch.int32).masked_fill_(unlabeled, vocab.unlabeled)
+        return labels, confidence
