@@ -1,0 +1,232 @@
+"""Colour palette, label colouring, overlays and legends shared by the CLI and the ROS node.
+
+Everything here works in RGB channel order on uint8 images. Label maps are HxW integer arrays in
+which the largest value of the dtype marks unlabeled pixels (255 for uint8, 65535 for uint16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+# Opacity of the dark box behind the legend: enough for white text on a white image.
+_LEGEND_BOX_OPACITY = 0.65
+_TEXT_COLOR = (255, 255, 255)
+_SWATCH_BORDER_COLOR = (200, 200, 200)
+
+
+def palette(n: int) -> np.ndarray:
+    """Return ``n`` distinct RGB colours (n x 3 uint8): the PASCAL VOC colour map, extended."""
+    if n < 0:
+        raise ValueError(f"palette size must be >= 0, got {n}")
+    if n > 1 << 24:
+        raise ValueError(f"palette size must be <= {1 << 24} (24-bit colours), got {n}")
+    ids = np.arange(n, dtype=np.int64)
+    colors = np.zeros((n, 3), dtype=np.int64)
+    # VOC bit interleaving: bit 3k+c of the class id goes to bit (7 - k) of channel c.
+    for k in range(8):
+        for c in range(3):
+            colors[:, c] |= ((ids >> (3 * k + c)) & 1) << (7 - k)
+    return colors.astype(np.uint8)
+
+
+def class_colors(n: int) -> np.ndarray:
+    """Colours of vocabulary classes 0..n-1: the palette without its first (black) entry."""
+    return palette(n + 1)[1:]
+
+
+def unlabeled_value(labels: np.ndarray) -> int:
+    """Return the label value that marks unlabeled pixels for this label map's dtype."""
+    dtype = np.asarray(labels).dtype
+    if dtype == np.uint8:
+        return 255
+    if dtype == np.uint16:
+        return 65535
+    raise TypeError(
+        f"label maps must be uint8 (255 = unlabeled) or uint16 (65535 = unlabeled), got {dtype}"
+    )
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"label map must be HxW, got shape {labels.shape}")
+    unlabeled_value(labels)  # validates the dtype
+    return labels
+
+
+def colorize(
+    labels: np.ndarray,
+    colors: np.ndarray,
+    unlabeled_color: Sequence[int] = (0, 0, 0),
+) -> np.ndarray:
+    """Map an HxW label map to an HxWx3 uint8 RGB image using ``colors[label]``."""
+    labels = _check_labels(labels)
+    colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+    ignore = unlabeled_value(labels)
+    labelled = labels != ignore
+    if labelled.any():
+        highest = int(labels[labelled].max())
+        if highest >= len(colors):
+            raise ValueError(
+                f"label map contains class {highest} but only {len(colors)} colours were given; "
+                f"pass palette(n) with n > {highest}"
+            )
+    # One extra row at the end holds the unlabeled colour so a single gather does everything.
+    table = np.vstack([colors, np.asarray(unlabeled_color, dtype=np.uint8).reshape(1, 3)])
+    index = np.where(labelled, labels, len(colors))
+    return table[index]
+
+
+def legend_entries(labels: np.ndarray, names: Sequence[str]) -> list[tuple[int, str, float]]:
+    """List (class id, name, pixel fraction) of classes present in ``labels``, largest first."""
+    labels = _check_labels(labels)
+    if labels.size == 0:
+        return []
+    ignore = unlabeled_value(labels)
+    valid = labels[labels != ignore]
+    if valid.size == 0:
+        return []
+    counts = np.bincount(valid.ravel())
+    present = np.flatnonzero(counts)
+    total = float(labels.size)
+    entries = [
+        (int(i), names[i] if i < len(names) else f"class {i}", counts[i] / total) for i in present
+    ]
+    # Largest area first; ties keep the class order so the legend is stable between frames.
+    entries.sort(key=lambda e: (-e[2], e[0]))
+    return [(i, name, float(frac)) for i, name, frac in entries]
+
+
+@dataclass(frozen=True)
+class _LegendLayout:
+    scale: float
+    thickness: int
+    pad: int
+    swatch: int
+    row_h: int
+    baseline: int
+    texts: list[str]
+    width: int
+    height: int
+
+
+def _text_size(text: str, scale: float, thickness: int) -> tuple[int, int, int]:
+    (w, h), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
+    return w, h, baseline
+
+
+def _fit_text(text: str, max_w: int, scale: float, thickness: int) -> str | None:
+    """Shorten ``text`` with '...' until it is at most ``max_w`` pixels wide; None if impossible."""
+    if _text_size(text, scale, thickness)[0] <= max_w:
+        return text
+    for end in range(len(text) - 1, 0, -1):
+        candidate = text[:end].rstrip() + "..."
+        if _text_size(candidate, scale, thickness)[0] <= max_w:
+            return candidate
+    return None
+
+
+def _legend_layout(
+    height: int, width: int, texts: Sequence[str], margin: int
+) -> _LegendLayout | None:
+    """Size the legend for an image; drop rows or shorten names to fit, None if nothing fits."""
+    # Font grows with the image: about 0.5 at 480 px, 1.0 at 1000 px on the short side.
+    scale = float(np.clip(min(height, width) / 1000.0, 0.35, 2.0))
+    thickness = 1 if scale < 0.8 else 2
+    _, text_h, baseline = _text_size("Ag", scale, thickness)
+    pad = max(2, round(text_h * 0.4))
+    swatch = text_h + baseline
+    row_h = swatch + pad
+    avail_w = width - 2 * margin
+    avail_h = height - 2 * margin
+    rows = min(len(texts), (avail_h - pad) // row_h) if avail_h > pad else 0
+    if rows <= 0:
+        return None
+    max_text_w = avail_w - (3 * pad + swatch)
+    if max_text_w <= 0:
+        return None
+    fitted = []
+    for text in texts[:rows]:
+        short = _fit_text(text, max_text_w, scale, thickness)
+        if short is None:
+            return None
+        fitted.append(short)
+    text_w = max(_text_size(t, scale, thickness)[0] for t in fitted)
+    return _LegendLayout(
+        scale=scale,
+        thickness=thickness,
+        pad=pad,
+        swatch=swatch,
+        row_h=row_h,
+        baseline=baseline,
+        texts=fitted,
+        width=3 * pad + swatch + text_w,
+        height=pad + rows * row_h,
+    )
+
+
+def _draw_legend(
+    image: np.ndarray, entries: Sequence[tuple[int, str, float]], colors: np.ndarray
+) -> None:
+    """Draw the legend in place in the top-left corner of ``image``."""
+    height, width = image.shape[:2]
+    margin = max(1, round(min(height, width) * 0.01))
+    layout = _legend_layout(height, width, [name for _, name, _ in entries], margin)
+    if layout is None:
+        return
+    x0, y0 = margin, margin
+    x1, y1 = x0 + layout.width, y0 + layout.height
+    box = image[y0:y1, x0:x1].astype(np.float32) * (1.0 - _LEGEND_BOX_OPACITY)
+    image[y0:y1, x0:x1] = np.rint(box).astype(np.uint8)
+    for row, text in enumerate(layout.texts):
+        class_id = entries[row][0]
+        top = y0 + layout.pad + row * layout.row_h
+        sx0, sy0 = x0 + layout.pad, top
+        sx1, sy1 = sx0 + layout.swatch - 1, top + layout.swatch - 1
+        color = tuple(int(v) for v in colors[class_id])
+        cv2.rectangle(image, (sx0, sy0), (sx1, sy1), color, thickness=cv2.FILLED)
+        # A light border keeps dark class colours (VOC class 0 is black) visible on the dark box.
+        cv2.rectangle(image, (sx0, sy0), (sx1, sy1), _SWATCH_BORDER_COLOR, thickness=1)
+        origin = (sx1 + 1 + layout.pad, top + layout.swatch - layout.baseline)
+        cv2.putText(
+            image, text, origin, _FONT, layout.scale, _TEXT_COLOR, layout.thickness, cv2.LINE_AA
+        )
+
+
+def overlay(
+    rgb: np.ndarray,
+    labels: np.ndarray,
+    colors: np.ndarray,
+    alpha: float = 0.5,
+    names: Sequence[str] | None = None,
+    legend: bool = True,
+) -> np.ndarray:
+    """Blend class colours over an RGB image and, when ``names`` are given, draw a legend."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {rgb.shape} {rgb.dtype}")
+    labels = _check_labels(labels)
+    if labels.shape != rgb.shape[:2]:
+        raise ValueError(
+            f"label map shape {labels.shape} does not match image shape {rgb.shape[:2]}"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+    color_image = colorize(labels, colors)
+    labelled = labels != unlabeled_value(labels)
+    out = rgb.copy()
+    if alpha > 0.0:
+        blended = rgb[labelled].astype(np.float32) * (1.0 - alpha)
+        blended += color_image[labelled].astype(np.float32) * alpha
+        out[labelled] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    if legend and names is not None:
+        entries = legend_entries(labels, names)
+        if entries:
+            _draw_legend(out, entries, colors)
+    return out
