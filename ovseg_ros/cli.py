@@ -246,6 +246,26 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time every method on one frame size (whole and slide) and the text encoder."""
+    from .bench import run_engine_bench
+    from .engine import available_methods
+
+    cfg = config_from_args(args)
+    height, width = (int(v) for v in args.size.lower().split("x")[::-1])
+    methods = args.methods or available_methods()
+    report = run_engine_bench(
+        cfg,
+        methods,
+        args.modes,
+        (height, width),
+        args.repeats,
+        None if args.text_templates == "none" else args.text_templates,
+    )
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `ovseg` argument parser with its sub-commands."""
     parser = argparse.ArgumentParser(
@@ -275,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     add_config_arguments(seg)
     seg.set_defaults(func=cmd_segment)
+    bench = sub.add_parser("bench", help="time the methods and the text encoder on this machine")
+    bench.add_argument("--size", default="640x480", help="frame size WxH [640x480]")
+    bench.add_argument("--methods", nargs="*", help="methods to time [all]")
+    bench.add_argument("--modes", nargs="*", default=["whole", "slide"], choices=["whole", "slide"])
+    bench.add_argument("--repeats", type=int, default=5, help="timed frames per row [5]")
+    bench.add_argument(
+        "--text-templates",
+        default="seven",
+        choices=["none", "single", "seven", "imagenet80"],
+        help="template set for the text-encoding timing [seven]",
+    )
+    add_config_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     meth = sub.add_parser("methods", help="list the methods and their hyper-parameters")
     meth.set_defaults(func=cmd_methods)
     return parser
