@@ -116,11 +116,14 @@ def _load_checkpoint_model(open_clip, name: str, path: Path) -> tuple[nn.Module,
         if openai_format:
             model = build_model_from_openai_state_dict(dict(state), cast_dtype=torch.float32)
             model.float()
+            # open_clip's builder rounds the weights through fp16; reload them at full precision.
+            sizes = ("input_resolution", "context_length", "vocab_size")
+            model.load_state_dict({k: v for k, v in state.items() if k not in sizes})
             return model, f"OpenAI checkpoint {path.name}"
         model = open_clip.create_model(name, pretrained=None)
         open_clip.load_checkpoint(model, str(path))
         return model, f"open_clip checkpoint {path.name}"
-    except (RuntimeError, KeyError) as exc:
+    except (RuntimeError, KeyError, ValueError, AssertionError) as exc:
         raise ModelLoadError(
             f"model.checkpoint {str(path)!r} does not fit model.name {name!r} ({exc}); set "
             "model.name to the architecture the file was trained with"
@@ -185,7 +188,11 @@ def load_clip(
             "meaningless (use this for smoke tests only)",
             name,
         )
-        model, source = open_clip.create_model(name, pretrained=None), "random weights"
+        # A fixed seed makes random weights (and so their cached text embeddings) reproducible.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = open_clip.create_model(name, pretrained=None)
+        source = "random weights (seed 0)"
     else:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:

@@ -19,9 +19,15 @@ def to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
+#: The long side is capped here (mmseg's test scale (2048, short side) of the published protocol),
+#: so that a very elongated image cannot turn into tens of thousands of tokens.
+MAX_LONG_SIDE = 2048
+
+
 def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """(H', W') with the short side equal to short_side and the aspect ratio kept."""
-    scale = short_side / min(height, width)
+    """(H', W'): short side = short_side, aspect kept, long side at most max(2048, short_side)."""
+    long_cap = max(MAX_LONG_SIDE, short_side)
+    scale = min(short_side / min(height, width), long_cap / max(height, width))
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 

@@ -146,11 +146,11 @@ class Segmenter:
         templates: str,
         progress: Progress | None,
     ) -> Vocabulary:
-        """Encode a vocabulary under the next version number (not yet in use)."""
+        """Encode a vocabulary and number it with the next version (only once it is valid)."""
+        vocab = build_vocabulary(self.text, 0, entries, background, templates, progress)
         with self._lock:
             self._version += 1
-            version = self._version
-        return build_vocabulary(self.text, version, entries, background, templates, progress)
+            return dataclasses.replace(vocab, version=self._version)
 
     def set_vocabulary(
         self,
@@ -284,7 +284,8 @@ class Segmenter:
             )[0]
         prob = suppress_small_classes(prob, n, cfg.area_threshold)
         confidence, labels = prob.max(dim=0)
-        unlabeled = labels >= n
+        # Background wins, or every class was suppressed by the area threshold (all zero).
+        unlabeled = (labels >= n) | (confidence <= 0)
         if cfg.prob_threshold > 0:
             unlabeled |= confidence < cfg.prob_threshold
         labels = labels.to(torch.int32).masked_fill_(unlabeled, vocab.unlabeled)

@@ -1,0 +1,291 @@
+"""Image -> labels: whole vs slide, windows, input formats, thresholds, background, Result.
+
+Expected labels are recomputed here from `Segmenter.dense_logits` with plain torch ops (softmax
+over queries, max over a class's queries, argmax), so the post-processing rules are checked
+independently of the engine's own implementation.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ovseg_ros.engine.inference import resized_shape, window_starts
+from ovseg_ros.engine.refine import suppress_small_classes
+
+
+def random_image(height, width, seed=0):
+    """A deterministic random RGB uint8 image."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def manual_labels(logits, vocab, prob_threshold=0.0):
+    """Labels and confidence from (Q, H, W) logits: softmax, max over synonyms, argmax, rules."""
+    prob = torch.softmax(logits.float(), dim=0)
+    groups = vocab.num_classes + (1 if vocab.background_words else 0)
+    per_group = torch.stack([prob[vocab.query_class == g].max(dim=0).values for g in range(groups)])
+    confidence, labels = per_group.max(dim=0)
+    unlabeled = (labels >= vocab.num_classes) | (confidence < prob_threshold)
+    labels = torch.where(unlabeled, torch.full_like(labels, vocab.unlabeled), labels)
+    return labels.numpy(), confidence.numpy()
+
+
+# --- whole vs slide -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["naclip", "sclip", "maskclip"])
+def test_whole_equals_slide_when_the_image_is_one_crop(make_segmenter, method):
+    image = random_image(224, 224)
+    whole = make_segmenter(method=method, short_side=224, mode="whole")
+    slide = make_segmenter(method=method, short_side=224, mode="slide", crop=224, stride=112)
+    logits_whole, _ = whole.dense_logits(image)
+    logits_slide, _ = slide.dense_logits(image)
+    assert logits_whole.shape == (len(whole.vocabulary.queries), 224, 224)
+    torch.testing.assert_close(logits_slide, logits_whole, atol=0, rtol=0)
+
+
+def test_slide_on_an_image_smaller_than_the_crop_equals_whole(make_segmenter):
+    image = random_image(50, 70)
+    whole = make_segmenter(short_side=60, mode="whole")
+    slide = make_segmenter(short_side=60, mode="slide", crop=96, stride=48)
+    logits_whole, _ = whole.dense_logits(image)
+    assert logits_whole.shape[1:] == resized_shape(50, 70, 60) == (60, 84)
+    torch.testing.assert_close(slide.dense_logits(image)[0], logits_whole, atol=0, rtol=0)
+
+
+def test_slide_differs_from_whole_on_a_larger_image(make_segmenter):
+    image = random_image(64, 128)
+    whole, _ = make_segmenter(short_side=64, mode="whole").dense_logits(image)
+    slide, _ = make_segmenter(short_side=64, mode="slide", crop=32, stride=16).dense_logits(image)
+    assert whole.shape == slide.shape == (whole.shape[0], 64, 128)
+    assert not torch.allclose(whole, slide)
+
+
+def test_window_starts_cover_every_pixel():
+    for size in range(1, 130):
+        for crop in (1, 7, 16, 32, 64):
+            for stride in range(1, crop + 1, 3):
+                starts = window_starts(size, min(crop, size), stride)
+                c = min(crop, size)
+                assert starts[0] == 0
+                assert starts == sorted(set(starts))
+                assert starts[-1] == max(size - c, 0)  # the last window ends at the image end
+                assert all(b - a <= stride for a, b in zip(starts, starts[1:], strict=False))
+                covered = np.zeros(size, bool)
+                for s in starts:
+                    covered[s : s + c] = True
+                assert covered.all(), (size, crop, stride)
+
+
+def test_window_starts_examples():
+    assert window_starts(224, 224, 112) == [0]
+    assert window_starts(336, 224, 112) == [0, 112]
+    assert window_starts(448, 224, 112) == [0, 112, 224]
+    assert window_starts(400, 224, 112) == [0, 112, 176]
+
+
+def test_resized_shape_keeps_aspect():
+    assert resized_shape(480, 640, 336) == (336, 448)
+    assert resized_shape(640, 480, 336) == (448, 336)
+    assert resized_shape(1, 1, 336) == (336, 336)
+    assert resized_shape(1080, 1920, 64) == (64, 114)
+
+
+def test_resized_shape_caps_the_long_side():
+    # a strip 7 px high would become 336 x 24048 (31k tokens): the long side stops at 2048
+    assert resized_shape(7, 501, 336) == (29, 2048)
+    assert resized_shape(5000, 10, 336) == (2048, 4)
+    assert resized_shape(100, 100, 3000) == (3000, 3000)  # a short side above the cap wins
+
+
+# --- shapes and input formats ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 501), (1080, 1920), (33, 17)])
+def test_output_shapes_and_dtypes(make_segmenter, mode, size):
+    # A small short side keeps the 7 x 501 strip cheap in whole mode (its token count is
+    # proportional to the aspect ratio, and attention is quadratic in it).
+    seg = make_segmenter(short_side=32, mode=mode, crop=32, stride=16)
+    result = seg.segment(random_image(*size))
+    assert result.labels.shape == size and result.labels.dtype == np.uint8
+    assert result.confidence.shape == size and result.confidence.dtype == np.float32
+    assert np.all((result.confidence >= 0) & (result.confidence <= 1))
+    n = seg.vocabulary.num_classes
+    assert np.all((result.labels < n) | (result.labels == 255))
+    assert result.fractions.shape == (n,) and result.scores.shape == (n,)
+
+
+def test_grayscale_is_replicated(make_segmenter):
+    seg = make_segmenter(short_side=48)
+    gray = random_image(40, 60)[:, :, 0]
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    expected = seg.segment(rgb)
+    for image in (gray, gray[:, :, None]):
+        result = seg.segment(image)
+        np.testing.assert_array_equal(result.labels, expected.labels)
+        np.testing.assert_array_equal(result.confidence, expected.confidence)
+
+
+def test_rgba_alpha_is_dropped(make_segmenter):
+    seg = make_segmenter(short_side=48)
+    rgb = random_image(40, 60)
+    alpha = np.random.default_rng(9).integers(0, 256, (40, 60, 1), dtype=np.uint8)
+    result = seg.segment(np.concatenate([rgb, alpha], axis=2))
+    expected = seg.segment(rgb)
+    np.testing.assert_array_equal(result.labels, expected.labels)
+    np.testing.assert_array_equal(result.confidence, expected.confidence)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((8, 8, 3), np.float32), "uint8"),
+        (np.zeros((8, 8, 3), bool), "uint8"),
+        (np.zeros((8, 8, 2), np.uint8), "shape"),
+        (np.zeros((8, 8, 3, 1), np.uint8), "shape"),
+        (np.zeros(8, np.uint8), "shape"),
+        (np.zeros((0, 8, 3), np.uint8), "empty"),
+        (np.zeros((8, 0), np.uint8), "empty"),
+        ([[0, 0, 0]], "numpy array"),
+        (None, "numpy array"),
+    ],
+)
+def test_invalid_images_raise(make_segmenter, image, message):
+    seg = make_segmenter()
+    with pytest.raises(ValueError, match=message):
+        seg.segment(image)
+    with pytest.raises(ValueError, match=message):
+        seg.dense_logits(image)
+
+
+def test_non_contiguous_image(make_segmenter):
+    seg = make_segmenter(short_side=48)
+    image = random_image(60, 80)
+    np.testing.assert_array_equal(
+        seg.segment(image[::-1, ::2]).labels, seg.segment(image[::-1, ::2].copy()).labels
+    )
+
+
+# --- post-processing rules ------------------------------------------------------------------
+
+
+def test_labels_follow_the_logits(make_segmenter):
+    # At short_side = min(H, W) no resizing happens, so labels are computed at logit resolution.
+    seg = make_segmenter(vocabulary=["cat; kitten", "dog", "car"], background_words=[])
+    seg.update(short_side=40)
+    image = random_image(40, 56)
+    logits, vocab = seg.dense_logits(image)
+    assert logits.shape[1:] == (40, 56)
+    labels, confidence = manual_labels(logits, vocab)
+    result = seg.segment(image)
+    np.testing.assert_array_equal(result.labels, labels)
+    np.testing.assert_allclose(result.confidence, confidence, atol=1e-6)
+    assert (result.labels != 255).all()
+
+
+def test_background_words_become_unlabeled(make_segmenter):
+    seg = make_segmenter(vocabulary=["cat", "dog"], short_side=40)  # 26 default background words
+    image = random_image(40, 56, seed=3)
+    logits, vocab = seg.dense_logits(image)
+    assert len(vocab.background_words) == 26
+    labels, _ = manual_labels(logits, vocab)
+    result = seg.segment(image)
+    np.testing.assert_array_equal(result.labels, labels)
+    assert (result.labels == 255).any()
+
+
+def test_prob_threshold(make_segmenter):
+    seg = make_segmenter(vocabulary=["cat", "dog", "car"], background_words=[], short_side=40)
+    image = random_image(40, 56, seed=4)
+    logits, vocab = seg.dense_logits(image)
+    base = seg.segment(image)
+    threshold = float(np.median(base.confidence))
+    seg.update(prob_threshold=threshold)
+    result = seg.segment(image)
+    np.testing.assert_array_equal(result.labels, manual_labels(logits, vocab, threshold)[0])
+    assert np.all(result.labels[base.confidence < threshold] == 255)
+    np.testing.assert_array_equal(
+        result.labels[base.confidence >= threshold], base.labels[base.confidence >= threshold]
+    )
+    seg.update(prob_threshold=1.0)
+    assert (seg.segment(image).labels == 255).all()
+
+
+def test_suppress_small_classes_on_a_hand_made_map():
+    # 3 classes + background on 10 pixels: winners 0 x4, 1 x3, 2 x1, background x2.
+    winners = [0, 0, 0, 0, 1, 1, 1, 2, 3, 3]
+    prob = torch.full((4, 1, 10), 0.1)
+    for i, w in enumerate(winners):
+        prob[w, 0, i] = 0.7
+    prob[1, 0, 7] = 0.5  # pixel 7: class 2 first, class 1 second
+    out = suppress_small_classes(prob, num_classes=3, area_threshold=0.2)
+    # Foreground = 8 pixels; class 2 covers 1/8 < 0.2 and is zeroed; others and background kept.
+    expected = prob.clone()
+    expected[2] = 0
+    torch.testing.assert_close(out, expected)
+    assert out.argmax(dim=0)[0, 7] == 1
+    assert suppress_small_classes(prob, 3, 0.0) is prob
+    # 0.375 of the foreground (class 1) is not more than 0.375: suppressed too.
+    assert torch.all(suppress_small_classes(prob, 3, 0.375)[1] == 0)
+
+
+def test_area_threshold_in_the_segmenter(make_segmenter):
+    seg = make_segmenter(vocabulary=["cat", "dog", "car", "bus"], background_words=[])
+    seg.update(short_side=40)
+    image = random_image(40, 56, seed=6)
+    logits, vocab = seg.dense_logits(image)
+    base = seg.segment(image)
+    fractions = base.fractions[base.fractions > 0]
+    assert len(fractions) >= 2, "the random model labels too few classes for this test"
+    threshold = float(np.sort(fractions)[0] + 1e-4)  # just above the smallest class
+    seg.update(area_threshold=threshold)
+    result = seg.segment(image)
+
+    prob = torch.softmax(logits, dim=0)
+    prob = suppress_small_classes(prob, vocab.num_classes, threshold)
+    expected = prob.argmax(dim=0).numpy()
+    np.testing.assert_array_equal(result.labels, expected)
+    smallest = int(np.argmin(np.where(base.fractions > 0, base.fractions, np.inf)))
+    assert result.fractions[smallest] == 0
+    assert set(np.unique(result.labels)) < set(np.unique(base.labels))
+
+
+def test_area_threshold_suppressing_every_class_leaves_pixels_unlabeled(make_segmenter):
+    seg = make_segmenter(vocabulary=["cat", "dog"], background_words=[], short_side=32)
+    seg.update(area_threshold=1.0)  # no class can cover more than all labelled pixels
+    result = seg.segment(random_image(32, 32))
+    assert (result.labels == 255).all()
+    assert result.fractions.sum() == 0
+
+
+# --- Result ---------------------------------------------------------------------------------
+
+
+def test_result_summary(make_segmenter):
+    seg = make_segmenter(short_side=48)
+    result = seg.segment(random_image(48, 64))
+    summary = json.loads(json.dumps(result.summary()))
+    assert summary["vocabulary_version"] == seg.vocabulary.version == result.version
+    assert summary["size"] == [48, 64]
+    total = summary["unlabeled_fraction"] + sum(c["fraction"] for c in summary["classes"])
+    assert total == pytest.approx(1.0, abs=1e-5)
+    assert [c["id"] for c in summary["classes"]] == result.present()
+    fractions = [c["fraction"] for c in summary["classes"]]
+    assert fractions == sorted(fractions, reverse=True)
+    for c in summary["classes"]:
+        assert c["name"] == seg.vocabulary.names[c["id"]]
+        mask = result.labels == c["id"]
+        assert c["fraction"] == pytest.approx(mask.mean(), abs=1e-6)
+        assert c["score"] == pytest.approx(result.confidence[mask].mean(), abs=1e-5)
+    assert set(summary["timings_ms"]) == {"model", "postprocess", "total"}
+    assert all(v >= 0 for v in summary["timings_ms"].values())
+
+
+def test_segmentation_is_deterministic(make_segmenter):
+    seg = make_segmenter(short_side=64, mode="slide", crop=32, stride=16, refine="pamr")
+    image = random_image(70, 90, seed=8)
+    first, second = seg.segment(image), seg.segment(image)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    np.testing.assert_array_equal(first.confidence, second.confidence)
