@@ -142,8 +142,7 @@ def _text_progress():
     def update(done: int, total: int) -> None:
         if "bar" not in bar:
             bar["bar"] = tqdm(total=total, desc="encoding prompts", unit="prompt", leave=False)
-        bar["bar"].n = done
-        bar["bar"].refresh()
+        bar["bar"].update(done - bar["bar"].n)
         if done >= total:
             bar.pop("bar").close()
 
