@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 from .engine import ModelLoadError, Segmenter, SegmenterConfig, describe_methods
-from .engine.backbone import build_backbone
 from .engine.config import parameter_fields
+from .engine.segmenter import load_backbone
 from .viz import class_colors, overlay
 
 log = logging.getLogger("ovseg_ros.cli")
@@ -112,14 +112,7 @@ def read_rgb(path: Path) -> np.ndarray:
 def load_segmenter(cfg: SegmenterConfig, fallback_random: bool) -> Segmenter:
     """Build the Segmenter; with fallback_random, missing weights degrade to random ones loudly."""
     try:
-        backbone = build_backbone(
-            cfg.model_name,
-            cfg.model_pretrained,
-            cfg.model_checkpoint,
-            cfg.model_cache_dir,
-            cfg.device,
-            cfg.precision,
-        )
+        backbone = load_backbone(cfg)
     except ModelLoadError as exc:
         if not fallback_random:
             raise
@@ -129,7 +122,7 @@ def load_segmenter(cfg: SegmenterConfig, fallback_random: bool) -> Segmenter:
             "meaningless, but the whole pipeline runs"
         )
         cfg = dataclasses.replace(cfg, model_pretrained="none", model_checkpoint="")
-        backbone = build_backbone(cfg.model_name, "none", "", "", cfg.device, cfg.precision)
+        backbone = load_backbone(cfg)
     return Segmenter(cfg, backbone=backbone, progress=_text_progress())
 
 

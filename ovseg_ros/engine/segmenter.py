@@ -68,6 +68,18 @@ class Result:
         }
 
 
+def load_backbone(cfg: SegmenterConfig) -> Backbone:
+    """Load the model that a config names, on its device and precision."""
+    return build_backbone(
+        cfg.model_name,
+        cfg.model_pretrained,
+        cfg.model_checkpoint,
+        cfg.model_cache_dir,
+        cfg.device,
+        cfg.precision,
+    )
+
+
 def as_rgb(image: np.ndarray) -> np.ndarray:
     """Accept HxWx3 uint8 RGB; convert HxW / HxWx1 gray and HxWx4 RGBA; reject the rest."""
     if not isinstance(image, np.ndarray):
@@ -102,14 +114,7 @@ class Segmenter:
         """Load the model (or reuse a backbone), build the method and the initial vocabulary."""
         self.config = (config or SegmenterConfig()).validate()
         cfg = self.config
-        self.backbone = backbone or build_backbone(
-            cfg.model_name,
-            cfg.model_pretrained,
-            cfg.model_checkpoint,
-            cfg.model_cache_dir,
-            cfg.device,
-            cfg.precision,
-        )
+        self.backbone = backbone or load_backbone(cfg)
         cache = (
             None
             if cfg.text_cache_dir == "off"
