@@ -334,3 +334,20 @@ def test_random_weights_are_reproducible(tiny_backbone):
     again = build_backbone("ovseg-tiny", "none", "", "", "cpu", "fp32")
     for a, b in zip(again.model.parameters(), tiny_backbone.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_config_from_dotted_parameter_names():
+    from ovseg_ros.engine import SegmenterConfig
+
+    cfg = SegmenterConfig.from_params(
+        {"model.name": "ovseg-tiny", "input.short_side": 224, "method_params.sigma": 3.0}
+    )
+    assert (cfg.model_name, cfg.short_side, cfg.method_params) == (
+        "ovseg-tiny",
+        224,
+        {"sigma": 3.0},
+    )
+    with pytest.raises(ValueError, match="unknown parameter"):
+        SegmenterConfig.from_params({"input.shortside": 224})
+    with pytest.raises(ValueError, match="input.short_side"):
+        SegmenterConfig.from_params({"input.short_side": 4})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
 import threading
@@ -367,11 +366,6 @@ def build_backbone(
     dtype = resolve_dtype(precision, dev)
     model, source = load_clip(name, pretrained, checkpoint, cache_dir)
     return Backbone(model, name=name, source=source, device=dev, dtype=dtype)
-
-
-def grid_size(height: int, width: int, patch: int) -> tuple[int, int]:
-    """Patch grid of an image padded up to a multiple of the patch size."""
-    return math.ceil(height / patch), math.ceil(width / patch)
 
 
 def default_cache_root() -> Path:
