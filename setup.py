@@ -32,7 +32,9 @@ setup(
     entry_points={
         "console_scripts": [
             "ovseg = ovseg_ros.cli:main",
-            # ovseg_node and set_vocabulary join here with the ROS node (ovseg_ros/ros/node.py).
+            "ovseg_node = ovseg_ros.ros.node:main",
+            "set_vocabulary = ovseg_ros.ros.set_vocabulary:main",
+            "sample_camera = ovseg_ros.ros.sample_camera:main",
         ],
     },
 )

@@ -33,6 +33,7 @@ __all__ = [
     "ImageDecodeError",
     "compressed_to_rgb",
     "cv_bridge_available",
+    "header_copy",
     "image_to_rgb",
     "labels_to_msg",
     "mono8_to_msg",
@@ -296,7 +297,7 @@ def cv_bridge_available() -> bool:
 # --- encoding ------------------------------------------------------------------------------
 
 
-def _header_copy(header: Header | None) -> Header:
+def header_copy(header: Header | None) -> Header:
     """A new Header with the stamp and frame_id of ``header`` (an empty one for None)."""
     if header is None:
         return Header()
@@ -324,7 +325,7 @@ def _new_image(
     pixels: np.ndarray, encoding: str, header: Header | None, bytes_per_pixel: int
 ) -> Image:
     msg = Image()
-    msg.header = _header_copy(header)
+    msg.header = header_copy(header)
     msg.height = int(pixels.shape[0])
     msg.width = int(pixels.shape[1])
     msg.encoding = encoding

@@ -1,0 +1,332 @@
+"""The node's parameters: one table built from the engine's SegmenterConfig plus the node's own.
+
+Every parameter the node declares comes from here, with its type, description, range and whether
+it can change while the node runs. `config/ovseg.yaml` holds the same names with the same default
+values; `default_yaml()` writes that file and a test keeps the two equal, so a default lives in
+exactly one place (the dataclasses below and SegmenterConfig) and the YAML is its published copy.
+
+No rclpy here: the node turns `ParamSpec` into ParameterDescriptors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.config import SegmenterConfig, parameter_fields
+
+TRANSPORTS = ("raw", "compressed")
+INPUT_QOS = ("auto", "sensor_data", "reliable")
+OUTPUT_QOS = ("reliable", "sensor_data")
+
+
+def _opt(
+    key: str,
+    help: str,
+    choices: tuple[str, ...] = (),
+    lo: float | None = None,
+    hi: float | None = None,
+    runtime: bool = False,
+) -> dict[str, Any]:
+    return {"key": key, "help": help, "choices": choices, "lo": lo, "hi": hi, "runtime": runtime}
+
+
+@dataclass
+class NodeOptions:
+    """Parameters of the ROS layer only (the engine knows nothing of topics or QoS)."""
+
+    transport: str = field(
+        default="raw",
+        metadata=_opt(
+            "input.transport",
+            "raw: subscribe <camera>/image (sensor_msgs/Image); compressed: subscribe "
+            "<camera>/image/compressed (sensor_msgs/CompressedImage, jpeg or png)",
+            choices=TRANSPORTS,
+        ),
+    )
+    input_qos: str = field(
+        default="auto",
+        metadata=_opt(
+            "input.qos",
+            "auto: reliable when every publisher of the input topic is reliable, best effort "
+            "otherwise (re-checked when publishers appear); sensor_data or reliable force a "
+            "profile; always keep-last 1",
+            choices=INPUT_QOS,
+        ),
+    )
+    output_qos: str = field(
+        default="reliable",
+        metadata=_opt(
+            "output.qos",
+            "reliable (keep last 1; serves reliable and best-effort subscribers) or sensor_data",
+            choices=OUTPUT_QOS,
+        ),
+    )
+    cameras: list[str] = field(
+        default_factory=list,
+        metadata=_opt(
+            "cameras",
+            "camera names; [] = one camera on image / camera_info. With names the node "
+            "subscribes <name>/image and publishes ~/<name>/labels etc.",
+        ),
+    )
+    max_rate_hz: float = field(
+        default=0.0,
+        metadata=_opt(
+            "max_rate_hz",
+            "most frames segmented per second over all cameras (0 = as fast as possible)",
+            lo=0.0,
+            hi=1000.0,
+            runtime=True,
+        ),
+    )
+    enabled: bool = field(
+        default=True,
+        metadata=_opt(
+            "enabled",
+            "false pauses processing (the model stays loaded); same as the ~/enable service",
+            runtime=True,
+        ),
+    )
+    publish_labels: bool = field(
+        default=True,
+        metadata=_opt("publish.labels", "publish ~/labels (class id per pixel)", runtime=True),
+    )
+    publish_confidence: bool = field(
+        default=True,
+        metadata=_opt(
+            "publish.confidence", "publish ~/confidence (mono8 probability 0-255)", runtime=True
+        ),
+    )
+    publish_masks: bool = field(
+        default=True,
+        metadata=_opt(
+            "publish.masks",
+            "publish ~/masks/<class> (0/255); only masks with subscribers are computed",
+            runtime=True,
+        ),
+    )
+    publish_overlay: bool = field(
+        default=True,
+        metadata=_opt(
+            "publish.overlay", "publish ~/overlay (rgb8 colours and legend)", runtime=True
+        ),
+    )
+    overlay_alpha: float = field(
+        default=0.5,
+        metadata=_opt(
+            "overlay.alpha",
+            "opacity of the class colours in ~/overlay",
+            lo=0.0,
+            hi=1.0,
+            runtime=True,
+        ),
+    )
+
+    def replace(self, **changes: Any) -> NodeOptions:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One ROS parameter: name, default, kind, description, constraints, where it goes."""
+
+    name: str
+    default: Any
+    kind: str  # "string", "integer", "double", "bool", "string_array"
+    description: str
+    choices: tuple[str, ...]
+    lo: float | None
+    hi: float | None
+    runtime: bool
+    owner: str  # "engine" (SegmenterConfig) or "node" (NodeOptions)
+    attr: str  # the dataclass field name
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the parameter is fixed once the node has started."""
+        return not self.runtime
+
+    def constraints(self) -> str:
+        """Human summary of what values are allowed (for the descriptor)."""
+        parts = []
+        if self.choices:
+            parts.append("one of: " + ", ".join(self.choices))
+        if self.lo is not None:
+            parts.append(f"range [{self.lo:g}, {self.hi:g}]")
+        parts.append("run time" if self.runtime else "read-only: set at start-up")
+        return "; ".join(parts)
+
+
+def _kind(value: Any, annotation: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "string_array"
+    raise TypeError(f"no ROS parameter kind for {annotation!r}")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def parameter_specs() -> list[ParamSpec]:
+    """Every node parameter, engine fields first; method_params is handled separately."""
+    specs: list[ParamSpec] = []
+    sources = [("engine", parameter_fields()), ("node", list(dataclasses.fields(NodeOptions)))]
+    for owner, fields in sources:
+        for f in fields:
+            meta = f.metadata
+            if meta["key"] == "method_params":
+                continue  # a dict: one parameter per hyper-parameter, see method_param_name()
+            default = _default(f)
+            specs.append(
+                ParamSpec(
+                    name=meta["key"],
+                    default=default,
+                    kind=_kind(default, f.type),
+                    description=meta["help"],
+                    choices=tuple(meta["choices"]),
+                    lo=meta["lo"],
+                    hi=meta["hi"],
+                    runtime=bool(meta["runtime"]),
+                    owner=owner,
+                    attr=f.name,
+                )
+            )
+    return specs
+
+
+METHOD_PARAMS_PREFIX = "method_params."
+
+
+def method_param_name(hyper_parameter: str) -> str:
+    """ROS name of a method hyper-parameter override."""
+    return METHOD_PARAMS_PREFIX + hyper_parameter
+
+
+def split_values(values: dict[str, Any]) -> tuple[SegmenterConfig, NodeOptions]:
+    """Build and validate the engine config and node options from ROS parameter values.
+
+    `values` maps parameter names to values (method_params.* included); a missing name keeps its
+    default. Raises ValueError naming the parameter for anything invalid.
+    """
+    engine: dict[str, Any] = {}
+    node: dict[str, Any] = {}
+    by_name = {s.name: s for s in parameter_specs()}
+    for name, value in values.items():
+        if name.startswith(METHOD_PARAMS_PREFIX):
+            engine[name] = value
+            continue
+        spec = by_name.get(name)
+        if spec is None:
+            raise ValueError(f"unknown parameter {name!r}")
+        if spec.owner == "engine":
+            engine[name] = value
+        else:
+            node[spec.attr] = value
+    cfg = SegmenterConfig.from_params(engine)
+    options = NodeOptions(**node)
+    check_node_options(options)
+    return cfg, options
+
+
+def check_node_options(options: NodeOptions) -> NodeOptions:
+    """Validate the node options against their metadata; ValueError names the parameter."""
+    for f in dataclasses.fields(options):
+        meta = f.metadata
+        value = getattr(options, f.name)
+        if meta["choices"] and value not in meta["choices"]:
+            raise ValueError(f"{meta['key']} must be one of {list(meta['choices'])}, got {value!r}")
+        if meta["lo"] is not None and not (meta["lo"] <= value <= meta["hi"]):
+            raise ValueError(f"{meta['key']} must be in [{meta['lo']}, {meta['hi']}], got {value}")
+    cameras = options.cameras
+    for name in cameras:
+        if not camera_name_ok(name):
+            raise ValueError(
+                f"cameras: {name!r} is not a valid topic name part (letters, digits, '_', '/'; "
+                "not starting with a digit or '/')"
+            )
+    if len(set(cameras)) != len(cameras):
+        raise ValueError(f"cameras: names must be unique, got {cameras}")
+    return options
+
+
+def camera_name_ok(name: str) -> bool:
+    """A camera name usable as a relative topic prefix (e.g. 'front' or 'arm/wrist')."""
+    if not name or name[0].isdigit() or name[0] == "/" or name.endswith("/") or "//" in name:
+        return False
+    return all(c.isalnum() or c in "_/" for c in name) and name.isascii()
+
+
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def _wrap(text: str, width: int = 96) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    if line:
+        lines.append(line)
+    return lines
+
+
+YAML_HEADER = """\
+# ovseg_ros node parameters: every parameter the node declares, with its default value.
+# Generated from the code (ovseg_ros/ros/params.py + the engine's SegmenterConfig) by
+#   .venv/bin/python -m ovseg_ros.ros.params > config/ovseg.yaml
+# and checked against it by test/test_params.py, so this file and the node never disagree.
+# Copy it, change what you need, and pass it with
+#   ros2 run ovseg_ros ovseg_node --ros-args --params-file my_ovseg.yaml
+# Parameters marked [run time] can also be changed while the node runs (ros2 param set);
+# [read-only] ones are fixed at start-up.
+#
+# Method hyper-parameters are overridden with method_params.<name>, e.g.
+#     method_params.sigma: 5.0          # NACLIP's Gaussian window
+# (`ovseg methods` lists every method with its parameters and published defaults.)
+"""
+
+
+def default_yaml() -> str:
+    """The text of config/ovseg.yaml: all parameters with their defaults and descriptions."""
+    lines = [YAML_HEADER, "/**:", "  ros__parameters:"]
+    for spec in parameter_specs():
+        lines.append("")
+        for part in _wrap(spec.description):
+            lines.append(f"    # {part}")
+        lines.append(f"    # [{spec.constraints()}]")
+        if spec.kind == "string_array":
+            if not spec.default:
+                lines.append(f"    {spec.name}: []")
+            else:
+                lines.append(f"    {spec.name}:")
+                lines.extend(f"      - {_yaml_scalar(v)}" for v in spec.default)
+        else:
+            lines.append(f"    {spec.name}: {_yaml_scalar(spec.default)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(default_yaml(), end="")
