@@ -342,6 +342,7 @@ class OvsegNode(Node):
         self._window = _Window()
         self._started = time.monotonic()
         self._diag_prev: dict[str, tuple[float, int, int]] = {}
+        self.qos_incompatibilities = 0  # QoS-incompatible peers seen on any topic of the node
 
         qos_out = (
             qos_profile_sensor_data
@@ -357,10 +358,13 @@ class OvsegNode(Node):
             durability=DurabilityPolicy.TRANSIENT_LOCAL,
             history=HistoryPolicy.KEEP_LAST,
         )
-        events = self._publisher_events()
-        self._vocab_pub = self.create_publisher(String, "~/vocabulary", latched, **events)
+        self._vocab_pub = self.create_publisher(
+            String, "~/vocabulary", latched, **self._publisher_events("~/vocabulary")
+        )
         self._label_info_pub = (
-            self.create_publisher(LabelInfo, "~/label_info", latched, **events)
+            self.create_publisher(
+                LabelInfo, "~/label_info", latched, **self._publisher_events("~/label_info")
+            )
             if LabelInfo is not None
             else None
         )
@@ -369,14 +373,10 @@ class OvsegNode(Node):
         names = options.cameras or [DEFAULT_CAMERA]
         self._cams: dict[str, Camera] = {n: Camera(n) for n in names}
         for cam in self._cams.values():
-            cam.labels_pub = self.create_publisher(Image, cam.out("labels"), qos_out, **events)
-            cam.confidence_pub = self.create_publisher(
-                Image, cam.out("confidence"), qos_out, **events
-            )
-            cam.overlay_pub = self.create_publisher(Image, cam.out("overlay"), qos_out, **events)
-            cam.info_pub = self.create_publisher(
-                CameraInfo, cam.out("camera_info"), qos_out, **events
-            )
+            cam.labels_pub = self._output(cam, Image, "labels")
+            cam.confidence_pub = self._output(cam, Image, "confidence")
+            cam.overlay_pub = self._output(cam, Image, "overlay")
+            cam.info_pub = self._output(cam, CameraInfo, "camera_info")
         self._announce(self.segmenter.vocabulary)
 
         self._slots = LatestFrameSlots(list(self._cams))
@@ -705,7 +705,7 @@ class OvsegNode(Node):
             topic,
             lambda msg, c=cam: self._on_image(c, msg),
             self._input_profile(reliability),
-            **self._subscription_events(),
+            **self._subscription_events(topic),
         )
         cam.reliability = reliability
         if cam.info_sub is None:
@@ -737,21 +737,30 @@ class OvsegNode(Node):
                 )
                 self._subscribe(cam, wanted)
 
-    def _subscription_events(self) -> dict[str, Any]:
+    def _subscription_events(self, topic: str) -> dict[str, Any]:
         try:
             from rclpy.event_handler import SubscriptionEventCallbacks
         except ImportError:  # Humble
             from rclpy.qos_event import SubscriptionEventCallbacks
-        return {"event_callbacks": SubscriptionEventCallbacks(incompatible_qos=self._incompatible)}
 
-    def _publisher_events(self) -> dict[str, Any]:
+        def warn(event: Any) -> None:
+            self._incompatible(topic, "publisher", event)
+
+        return {"event_callbacks": SubscriptionEventCallbacks(incompatible_qos=warn)}
+
+    def _publisher_events(self, topic: str) -> dict[str, Any]:
         try:
             from rclpy.event_handler import PublisherEventCallbacks
         except ImportError:  # Humble
             from rclpy.qos_event import PublisherEventCallbacks
-        return {"event_callbacks": PublisherEventCallbacks(incompatible_qos=self._incompatible)}
 
-    def _incompatible(self, event: Any) -> None:
+        def warn(event: Any) -> None:
+            self._incompatible(topic, "subscriber", event)
+
+        return {"event_callbacks": PublisherEventCallbacks(incompatible_qos=warn)}
+
+    def _incompatible(self, topic: str, peer: str, event: Any) -> None:
+        self.qos_incompatibilities += 1
         try:
             from rclpy.qos import qos_policy_name_from_kind
 
@@ -759,9 +768,9 @@ class OvsegNode(Node):
         except Exception:  # noqa: BLE001 - only the wording of the warning depends on it
             policy = str(getattr(event, "last_policy_kind", "unknown"))
         self._logger.warning(
-            f"QoS incompatibility ({event.total_count} so far): a peer on one of this node's "
-            f"topics cannot be matched because of the {policy} policy; check the publisher's "
-            "and subscriber's QoS (input.qos / output.qos)",
+            f"QoS incompatibility on {self.resolve_topic_name(topic)}: a {peer} cannot be "
+            f"matched because of its {policy} policy ({event.total_count} so far); align the "
+            "two sides' QoS (this node: input.qos / output.qos)",
             throttle_duration_sec=5.0,
         )
 
@@ -773,6 +782,13 @@ class OvsegNode(Node):
         self._slots.put(Frame(camera=cam.name, image=msg, header=msg.header))
 
     # --- outputs -------------------------------------------------------------------------------
+
+    def _output(self, cam: Camera, msg_type: Any, leaf: str) -> Any:
+        """A publisher for one of the camera's outputs, with the output QoS."""
+        topic = cam.out(leaf)
+        return self.create_publisher(
+            msg_type, topic, self._qos_out, **self._publisher_events(topic)
+        )
 
     def _announce(self, vocab: Vocabulary) -> None:
         """Publish the class map of `vocab` (once per version) and follow it with mask topics."""
@@ -795,9 +811,7 @@ class OvsegNode(Node):
             for slug in slugs:
                 pub = old.pop(slug, None)
                 if pub is None:
-                    pub = self.create_publisher(
-                        Image, cam.out(f"masks/{slug}"), self._qos_out, **self._publisher_events()
-                    )
+                    pub = self._output(cam, Image, f"masks/{slug}")
                 pubs.append(pub)
             for pub in old.values():
                 self.destroy_publisher(pub)
@@ -928,9 +942,18 @@ class OvsegNode(Node):
             ("vocabulary", ", ".join(vocab.names)),
             ("enabled", str(self._worker.enabled).lower()),
             ("reconfiguring", ", ".join(self._reconfigurer.pending()) or "-"),
+            ("QoS incompatibilities", str(self.qos_incompatibilities)),
         ]
         if self._vocab_error:
             problems.append((DiagnosticStatus.ERROR, self._vocab_error))
+        if self.qos_incompatibilities:
+            problems.append(
+                (
+                    DiagnosticStatus.WARN,
+                    f"{self.qos_incompatibilities} QoS-incompatible peers could not be matched "
+                    "(see the node's log for the topic and policy)",
+                )
+            )
         status = DiagnosticStatus()
         status.name = f"{self.get_fully_qualified_name()}: open-vocabulary segmentation"
         status.hardware_id = self._device_text
