@@ -15,8 +15,7 @@ RUFF := $(VENV)/bin/ruff
 SETUP_HASH := $(shell cat requirements.txt setup.py | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.ovseg-setup-$(SETUP_HASH).stamp
 
-OUT ?= out/samples
-RUN_ARGS ?= --pretrained openai --fallback-random
+RUN_ARGS ?= --pretrained openai --fallback-random --duration 90
 PYTEST_ARGS ?=
 LINT_PATHS := ovseg_ros test setup.py launch
 
@@ -25,7 +24,7 @@ LINT_PATHS := ovseg_ros test setup.py launch
 help:
 	@echo "make setup      create $(VENV) and install requirements.txt + this package (editable)"
 	@echo "make test       ruff check + pytest (PYTEST_ARGS='...' to pass options)"
-	@echo "make run        segment the bundled sample photos into OUT=$(OUT) (RUN_ARGS='...')"
+	@echo "make run        the ROS node + a sample camera for 90 s, overlays in out/stream (RUN_ARGS='...')"
 	@echo "make lint       ruff check + ruff format --check"
 	@echo "make format     ruff format + ruff check --fix"
 	@echo "make clean      remove out/ and caches (keeps $(VENV))"
@@ -57,7 +56,7 @@ test: setup
 	$(PY) -m pytest -q test $(PYTEST_ARGS)
 
 run: setup
-	$(VENV)/bin/ovseg segment --samples --out $(OUT) $(RUN_ARGS)
+	$(VENV)/bin/ovseg demo $(RUN_ARGS)
 
 lint: setup
 	$(RUFF) check $(LINT_PATHS)

@@ -302,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
     meth = sub.add_parser("methods", help="list the methods and their hyper-parameters")
     meth.set_defaults(func=cmd_methods)
+    from .ros import demo  # light: the node and rclpy are imported when the demo runs
+
+    demo_parser = sub.add_parser(
+        "demo",
+        help="run the ROS node with a sample camera on this host (what `make run` starts)",
+        description=(demo.__doc__ or "").split("\n\n")[1],
+    )
+    demo.build_parser(demo_parser)
+    demo_parser.set_defaults(func=demo.run)
     return parser
 
 

@@ -1054,7 +1054,10 @@ def main(args: list[str] | None = None) -> int:
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         finally:
-            node.get_logger().info("shutting down")
+            if node.context.ok():
+                node.get_logger().info("shutting down")
+            else:  # Ctrl-C already shut the context down: rosout can no longer be published
+                print("[ovseg] shutting down", file=sys.stderr, flush=True)
             node.destroy_node()
             executor.shutdown()
     rclpy.try_shutdown()
