@@ -245,6 +245,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     height, width = (int(v) for v in args.size.lower().split("x")[::-1])
+    if args.node:
+        from .ros.bench_node import format_node_bench, run_node_bench
+
+        print(format_node_bench(run_node_bench(cfg, (height, width), args.frames)))
+        return 0
     methods = args.methods or available_methods()
     report = run_engine_bench(
         cfg,
@@ -298,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "single", "seven", "imagenet80"],
         help="template set for the text-encoding timing [seven]",
     )
+    bench.add_argument(
+        "--node",
+        action="store_true",
+        help="time the ROS node end to end against the bare engine instead (same run)",
+    )
+    bench.add_argument("--frames", type=int, default=10, help="frames for --node [10]")
     add_config_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     meth = sub.add_parser("methods", help="list the methods and their hyper-parameters")

@@ -1,4 +1,4 @@
-"""`set_vocabulary`: change the node's vocabulary through its parameter service and print the answer.
+"""`set_vocabulary`: set the node's vocabulary through its parameter service, print the answer.
 
     ros2 run ovseg_ros set_vocabulary door chair "red mug; coffee mug"
 
