@@ -26,7 +26,7 @@ TINY_CONFIG = {
     "device": "cpu",
     "precision": "fp32",
     "templates": "single",
-    "text_cache_dir": "off",
+    "text_cache_dir": "none",
 }
 
 

@@ -141,7 +141,7 @@ def test_bf16_backbone_segments_on_cpu():
     assert bb.positional_embedding(3, 5).dtype == torch.bfloat16
     config = SegmenterConfig(
         model_name="ovseg-tiny", model_pretrained="none", device="cpu", precision="bf16",
-        templates="single", text_cache_dir="off", short_side=48,
+        templates="single", text_cache_dir="none", short_side=48,
     )  # fmt: skip
     result = Segmenter(config, backbone=bb).segment(np.full((40, 70, 3), 90, np.uint8))
     assert result.labels.shape == (40, 70) and result.labels.dtype == np.uint8
@@ -227,7 +227,7 @@ def segmenter_logits(backbone, frame):
     """Segmenter logits of a frame (text embeddings come from the backbone's own text tower)."""
     config = SegmenterConfig(
         model_name="ovseg-tiny", model_pretrained="none", device="cpu", precision="fp32",
-        templates="single", text_cache_dir="off", short_side=64,
+        templates="single", text_cache_dir="none", short_side=64,
     )  # fmt: skip
     return Segmenter(config, backbone=backbone).dense_logits(frame)[0]
 

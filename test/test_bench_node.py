@@ -24,7 +24,7 @@ def test_node_bench_reports_engine_and_node_latency(tiny_backbone, monkeypatch):
         model_pretrained="none",
         device="cpu",
         templates="single",
-        text_cache_dir="off",
+        text_cache_dir="none",
     )
     result = run_node_bench(cfg, (120, 160), frames=3, backbone=tiny_backbone)
     assert result["frames"] == 3 and result["size"] == "160x120"

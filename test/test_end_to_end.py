@@ -33,7 +33,7 @@ def voc_segmenter(vitb16_backbone):
     """NACLIP on random ViT-B/16 with the 20 VOC classes and the default background words."""
     config = SegmenterConfig(
         model_name="ViT-B-16", model_pretrained="none", device="cpu", precision="fp32",
-        method="naclip", vocabulary=VOC_CLASSES, templates="single", text_cache_dir="off",
+        method="naclip", vocabulary=VOC_CLASSES, templates="single", text_cache_dir="none",
         short_side=336, crop=224, stride=112,
     )  # fmt: skip
     return Segmenter(config, backbone=vitb16_backbone)

@@ -212,7 +212,8 @@ class SegmenterConfig:
         default="",
         metadata=_opt(
             "text.cache_dir",
-            "disk cache of text embeddings ('' = ~/.cache/ovseg_ros/text, 'off' = no disk cache)",
+            "disk cache of text embeddings ('' = ~/.cache/ovseg_ros/text, 'none' = no disk "
+            "cache; 'off' also works where YAML does not turn it into false)",
         ),
     )
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from .backbone import Backbone, build_backbone, default_cache_root
 from .config import SegmenterConfig
 from .inference import resize, slide_logits, to_tensor, whole_logits
 from .methods import Method, create_method
+from .methods.base import collect_timings
 from .refine import class_probabilities, pamr, suppress_small_classes
 from .text import Progress, TextEncoder, Vocabulary, build_vocabulary
 
@@ -31,7 +33,7 @@ class Result:
     fractions: np.ndarray  # (C,) float32: share of the image's pixels labelled with each class
     scores: np.ndarray  # (C,) float32: mean confidence over each class's pixels (0 if absent)
     vocabulary: Vocabulary  # the class map the label ids refer to
-    timings: dict[str, float]  # milliseconds: model (resize + network), postprocess, total
+    timings: dict[str, float]  # ms: model (resize + network), postprocess, total + method's parts
 
     @property
     def version(self) -> int:
@@ -117,7 +119,7 @@ class Segmenter:
         self.backbone = backbone or load_backbone(cfg)
         cache = (
             None
-            if cfg.text_cache_dir == "off"
+            if cfg.text_cache_dir in ("none", "off")
             else (
                 Path(cfg.text_cache_dir).expanduser()
                 if cfg.text_cache_dir
@@ -129,7 +131,9 @@ class Segmenter:
         )
         self._lock = threading.Lock()
         self._version = 0
+        self._in_flight: dict[int, int] = {}  # id(method) -> frames using it now
         self.method: Method = create_method(cfg.method, cfg.method_params)
+        self.method.prepare(self.backbone)
         self._vocab: Vocabulary = self._build_vocab(
             cfg.vocabulary, cfg.background_words, cfg.templates, progress
         )
@@ -184,13 +188,21 @@ class Segmenter:
         return vocab.version
 
     def set_method(self, name: str, params: dict[str, Any] | None = None) -> None:
-        """Switch method (or its hyper-parameters); ValueError leaves the current one in place."""
+        """Switch method (or its hyper-parameters); ValueError leaves the current one in place.
+
+        The new method loads its auxiliary models (prepare) while the current one keeps serving;
+        the old one is released once no frame uses it (ModelLoadError also keeps the current one).
+        """
         method = create_method(name, params or {})
+        method.prepare(self.backbone)
         with self._lock:
-            self.method = method
+            old, self.method = self.method, method
             self.config = dataclasses.replace(
                 self.config, method=name, method_params=dict(params or {})
             )
+            idle = id(old) not in self._in_flight
+        if idle and old is not method:
+            old.release()
 
     def update(self, **changes: Any) -> None:
         """Change inference/post-processing fields (thresholds, sizes, mode...) atomically."""
@@ -217,10 +229,25 @@ class Segmenter:
         with self._lock:
             self.config = self.config.replace(**changes)
 
-    def _snapshot(self) -> tuple[SegmenterConfig, Method, Vocabulary]:
-        """Config, method and vocabulary of one consistent moment (a frame uses only these)."""
+    @contextlib.contextmanager
+    def _frame(self) -> Iterator[tuple[SegmenterConfig, Method, Vocabulary]]:
+        """Config, method and vocabulary of one consistent moment (a frame uses only these).
+
+        A method swapped out by set_method while frames still use it is released after the last.
+        """
         with self._lock:
-            return self.config, self.method, self._vocab
+            cfg, method, vocab = self.config, self.method, self._vocab
+            self._in_flight[id(method)] = self._in_flight.get(id(method), 0) + 1
+        try:
+            yield cfg, method, vocab
+        finally:
+            with self._lock:
+                left = self._in_flight.pop(id(method)) - 1
+                if left:
+                    self._in_flight[id(method)] = left
+                retired = not left and method is not self.method
+            if retired:
+                method.release()
 
     def _forward(
         self, rgb: np.ndarray, cfg: SegmenterConfig, method: Method, vocab: Vocabulary
@@ -239,18 +266,18 @@ class Segmenter:
     @torch.inference_mode()
     def dense_logits(self, rgb: np.ndarray) -> tuple[torch.Tensor, Vocabulary]:
         """Per-query logits (Q, H', W') at the resized scale, with the vocabulary they refer to."""
-        cfg, method, vocab = self._snapshot()
-        return self._forward(as_rgb(rgb), cfg, method, vocab)[0], vocab
+        with self._frame() as (cfg, method, vocab):
+            return self._forward(as_rgb(rgb), cfg, method, vocab)[0], vocab
 
     @torch.inference_mode()
     def segment(self, rgb: np.ndarray) -> Result:
         """Label every pixel of an RGB image with a class id of the current vocabulary."""
         t0 = time.perf_counter()
         rgb = as_rgb(rgb)
-        cfg, method, vocab = self._snapshot()
-        logits, image = self._forward(rgb, cfg, method, vocab)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        with self._frame() as (cfg, method, vocab), collect_timings() as extra:
+            logits, image = self._forward(rgb, cfg, method, vocab)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         t1 = time.perf_counter()
         labels, confidence = self._labels(logits, image, vocab, cfg, rgb.shape[:2])
         n = vocab.num_classes
@@ -267,6 +294,7 @@ class Segmenter:
             "postprocess": (t2 - t1) * 1e3,
             "total": (t2 - t0) * 1e3,
         }
+        timings.update({k: v for k, v in extra.items() if k not in timings})
         return Result(labels_np, conf_np, fractions, scores, vocab, timings)
 
     def _labels(

@@ -51,6 +51,7 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import SetBool
@@ -390,12 +391,7 @@ class OvsegNode(Node):
         self._qos_timer = self.create_timer(1.0, self._check_input_qos)
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics)
         self._worker.start()
-        topics = ", ".join(
-            self.resolve_topic_name(
-                c.inp("image" if options.transport == "raw" else "image/compressed")
-            )
-            for c in self._cams.values()
-        )
+        topics = ", ".join(c.image_sub.topic_name for c in self._cams.values())
         self._logger.info(
             f"segmenting {topics} with {cfg.method}; "
             f"outputs under {self.get_fully_qualified_name()}"
@@ -716,8 +712,15 @@ class OvsegNode(Node):
                 self._input_profile(ReliabilityPolicy.BEST_EFFORT),
             )
 
+    def _resolve(self, topic: str) -> str:
+        """Fully qualified topic name (remappings applied); as given where rclpy cannot tell."""
+        resolve = getattr(self, "resolve_topic_name", None)  # rclpy of Iron and newer
+        return resolve(topic) if resolve is not None else topic
+
     def _publisher_reliabilities(self, topic: str) -> list[ReliabilityPolicy]:
-        resolved = self.resolve_topic_name(topic)
+        resolved = self._resolve(topic)
+        if not resolved.startswith("/"):
+            return []  # Humble, before the subscription exists: the 1 s check decides
         return [
             info.qos_profile.reliability for info in self.get_publishers_info_by_topic(resolved)
         ]
@@ -768,7 +771,7 @@ class OvsegNode(Node):
         except Exception:  # noqa: BLE001 - only the wording of the warning depends on it
             policy = str(getattr(event, "last_policy_kind", "unknown"))
         self._logger.warning(
-            f"QoS incompatibility on {self.resolve_topic_name(topic)}: a {peer} cannot be "
+            f"QoS incompatibility on {self._resolve(topic)}: a {peer} cannot be "
             f"matched because of its {policy} policy ({event.total_count} so far); align the "
             "two sides' QoS (this node: input.qos / output.qos)",
             throttle_duration_sec=5.0,
@@ -844,6 +847,8 @@ class OvsegNode(Node):
             return
         result = self.segmenter.segment(rgb)
         vocab = result.vocabulary
+        if not self.context.ok():
+            return  # shutting down (e.g. the node was embedded and its context shut down)
         with self._out_lock:
             if self._announced is not None and vocab.version < self._announced.version:
                 cam.stats.stale += 1  # labelled with a class map that is no longer announced
@@ -1034,9 +1039,22 @@ def label_info_msg(vocab: Vocabulary, stamp: Any) -> Any:
     return msg
 
 
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(args: list[str] | None = None) -> int:
-    """Console script `ovseg_node`: run the node until Ctrl-C; exit non-zero if it cannot start."""
-    rclpy.init(args=args)
+    """Console script `ovseg_node`: run the node until Ctrl-C; exit non-zero if it cannot start.
+
+    rclpy's own signal handlers are off: they would shut the context down while the worker is
+    still publishing a frame. Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt here instead,
+    the worker finishes the frame in hand, then the node and the context are shut down.
+    """
+    import signal
+
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     node = None
     code = EXIT_OK
     try:
@@ -1054,11 +1072,8 @@ def main(args: list[str] | None = None) -> int:
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         finally:
-            if node.context.ok():
-                node.get_logger().info("shutting down")
-            else:  # Ctrl-C already shut the context down: rosout can no longer be published
-                print("[ovseg] shutting down", file=sys.stderr, flush=True)
-            node.destroy_node()
+            node.get_logger().info("shutting down")
+            node.destroy_node()  # stops the worker after the frame in hand
             executor.shutdown()
     rclpy.try_shutdown()
     return code
