@@ -28,7 +28,7 @@ setup(
     description="Open-vocabulary semantic segmentation for ROS 2 with CLIP.",
     license="Apache-2.0",
     # `tests_require` is gone from setuptools; current ros2 pkg templates use this extra.
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "fgc": ["diffusers==0.42.1", "transformers"]},
     entry_points={
         "console_scripts": [
             "ovseg = ovseg_ros.cli:main",

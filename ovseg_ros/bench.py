@@ -76,11 +76,16 @@ def bench_methods(
     size: tuple[int, int],
     repeats: int,
 ) -> list[Timing]:
-    """Frame latency of segment() for each method x mode on one random frame of `size` (H, W)."""
+    """Frame latency of segment() for each method x mode on one random frame of `size` (H, W).
+
+    The configured method keeps its method_params overrides (e.g. --method proxyclip --param
+    vfm_weights=none); the other methods run with their defaults.
+    """
     frame = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    configured, overrides = segmenter.config.method, dict(segmenter.config.method_params)
     rows = []
     for name in methods:
-        segmenter.set_method(name)
+        segmenter.set_method(name, overrides if name == configured else None)
         for mode in modes:
             segmenter.update(mode=mode)
             samples = time_calls(lambda: segmenter.segment(frame), repeats)

@@ -1,6 +1,11 @@
 """Method registry; importing this package registers every built-in method."""
 
-from . import last_block  # noqa: F401 - registers the last-block methods
+from . import (
+    cliper,  # noqa: F401 - registers CLIPer
+    cliptrase,  # noqa: F401 - registers CLIPtrase
+    last_block,  # noqa: F401 - registers the last-block methods
+    proxyclip,  # noqa: F401 - registers ProxyCLIP
+)
 from .base import (
     Method,
     MethodParams,

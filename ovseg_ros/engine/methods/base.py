@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +33,24 @@ class Method:
         """Keep the validated hyper-parameters."""
         self.params = params
 
+    # Lifecycle. The Segmenter calls prepare() on a new method before swapping it in (outside its
+    # lock, so the previous method keeps serving frames meanwhile) and release() on the old one
+    # once no frame uses it any more. Methods with auxiliary models (a DINO proxy, Stable
+    # Diffusion) load them in prepare() and drop them in release(); both must be idempotent.
+
+    def prepare(self, backbone: Backbone) -> None:
+        """Load what the method needs besides the backbone (ModelLoadError if it cannot)."""
+
+    def release(self) -> None:
+        """Free what prepare() loaded; the method may be prepared again afterwards."""
+
+    @staticmethod
+    def record_timing(key: str, ms: float) -> None:
+        """Add ms to the frame's extra timing `key` (summed over crops; see collect_timings)."""
+        sink = getattr(_timings, "sink", None)
+        if sink is not None:
+            sink[key] = sink.get(key, 0.0) + ms
+
     def logits(self, backbone: Backbone, images: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
         """(B, Q, h, w) float32 logits of normalised (B, 3, H, W) images (patch multiples)."""
         raise NotImplementedError
@@ -43,6 +63,26 @@ class Method:
         logits = scale * features @ vocab.embeddings.T.to(features.dtype)
         b = logits.shape[0]
         return logits.transpose(1, 2).reshape(b, -1, grid[0], grid[1])
+
+
+#: Per-thread sink of Method.record_timing (a frame runs on one thread; frames may run in parallel).
+_timings = threading.local()
+
+
+@contextlib.contextmanager
+def collect_timings() -> Iterator[dict[str, float]]:
+    """Collect, for the calling thread, the extra timings (ms) methods record inside the block.
+
+    Segmenter.segment wraps one frame's forward pass in this and merges the dict into
+    Result.timings. The timings are parts of the frame's "model" time, not additions to it.
+    """
+    previous = getattr(_timings, "sink", None)
+    sink: dict[str, float] = {}
+    _timings.sink = sink
+    try:
+        yield sink
+    finally:
+        _timings.sink = previous
 
 
 _REGISTRY: dict[str, type[Method]] = {}
