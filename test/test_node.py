@@ -314,8 +314,15 @@ def test_runtime_parameter_changes(harness, tiny_backbone):
     assert r.successful  # sigma stays set but does not apply to ClearCLIP (a warning says so)
     h.wait_reconfigured()
     assert node.segmenter.config.method == "clearclip"
+    # Kept for a method that has it (so it can be set before switching to that method).
     [r] = h.set_parameters(Parameter("method_params.sigma", value=4.0))
-    assert not r.successful and "has no parameter 'sigma'" in r.reason
+    assert r.successful
+    h.wait_reconfigured()
+    assert node.segmenter.config.method == "clearclip"
+    [r] = h.set_parameters(Parameter("method", value="naclip"))
+    assert r.successful
+    h.wait_reconfigured()
+    assert node.segmenter.method.params.sigma == 4.0
     [r] = h.set_parameters(Parameter("method_params.logit_scale", value="fast"))
     assert not r.successful and "logit_scale" in r.reason
     [r] = h.set_parameters(Parameter("max_rate_hz", value=5.0))
@@ -684,3 +691,53 @@ def test_label_info_message_mirrors_the_class_map(monkeypatch, make_segmenter):
     msg = node_module.label_info_msg(vocab, Stamp())
     assert [(c.class_id, c.class_name) for c in msg.class_map] == [(0, "door"), (1, "red mug")]
     assert msg.header.stamp == "stamp" and msg.threshold == 0.0
+
+
+def test_every_method_runs_in_the_node_and_switches_at_run_time(harness, tiny_backbone):
+    """Each registered method serves the sample stream after a run-time switch; frames keep
+    flowing with the old method while the new one (and its auxiliary model) is prepared."""
+    from ovseg_ros.engine.methods import available_methods
+
+    h = harness(backbone=tiny_backbone, input__short_side=112)
+    pub = h.publisher("image")
+    labels = h.collect("/ovseg/labels")
+    msg = rgb_to_msg(sample_frame(160, 120, index=1), None)
+
+    def publish() -> None:
+        h.stamp(msg)
+        pub.publish(msg)
+
+    # ProxyCLIP's proxy model cannot be downloaded here: random weights, set before switching.
+    [r] = h.set_parameters(Parameter("method_params.vfm_weights", value="none"))
+    assert r.successful
+    methods = available_methods()
+    assert {"cliper", "cliptrase", "proxyclip", "naclip"} <= set(methods)
+    for method in methods:
+        [r] = h.set_parameters(Parameter("method", value=method))
+        assert r.successful, (method, r.reason)
+        h.wait_reconfigured(timeout=120)
+        assert h.node.segmenter.config.method == method
+        count = len(labels)
+        assert h.stream(publish, lambda c=count: len(labels) >= c + 2, timeout=120), method
+        out = labels[-1][1]
+        assert (out.width, out.height) == (160, 120)
+    assert not h.node.cameras[""].stats.rejected
+    assert h.node.slots.stats[""].failed == 0
+
+
+def test_a_method_that_cannot_load_leaves_the_old_one_serving(harness, tiny_backbone):
+    # ProxyCLIP's pretrained DINO weights cannot be downloaded here: the switch is accepted (the
+    # values are valid), fails in the background, and the node goes back to what it was using.
+    h = harness(backbone=tiny_backbone)
+    [r] = h.set_parameters(Parameter("method", value="proxyclip"))
+    assert r.successful
+    h.wait_reconfigured(timeout=120)
+    assert h.spin_until(lambda: h.node.get_parameter("method").value == "naclip", timeout=10)
+    assert h.node.segmenter.config.method == "naclip"
+    status = h.node.diagnostics()
+    assert status.level == status.ERROR and "method change failed" in status.message
+    # A later successful change clears the error.
+    [r] = h.set_parameters(Parameter("method", value="sclip"))
+    assert r.successful
+    h.wait_reconfigured()
+    assert h.node.diagnostics().level == status.OK

@@ -255,6 +255,11 @@ class Reconfigurer:
             kinds = list(self._pending)
         return ([self._busy] if self._busy else []) + kinds
 
+    def has_pending(self, kind: str) -> bool:
+        """Whether a job of this kind is queued (not yet started)."""
+        with self._cond:
+            return kind in self._pending
+
     def idle(self) -> bool:
         """True when nothing is queued or running."""
         with self._cond:
@@ -535,33 +540,29 @@ class OvsegNode(Node):
         if method_changed or override_changed:
             method = values["method"]
             fields = set(describe_fields(method))  # ValueError lists the known methods
-            for key in override_changed:
-                short = key[len(P.METHOD_PARAMS_PREFIX) :]
-                if changes[key] is not None and short not in fields:
-                    raise ValueError(
-                        f"method {method!r} has no parameter {short!r}; "
-                        f"its parameters: {sorted(fields)}"
-                    )
+            prefix = len(P.METHOD_PARAMS_PREFIX)
             overrides = {
-                k[len(P.METHOD_PARAMS_PREFIX) :]: v
+                k[prefix:]: v
                 for k, v in values.items()
-                if k.startswith(P.METHOD_PARAMS_PREFIX)
-                and k[len(P.METHOD_PARAMS_PREFIX) :] in fields
+                if k.startswith(P.METHOD_PARAMS_PREFIX) and k[prefix:] in fields
             }
             make_params(method, overrides)  # type / range errors of the overrides
-            ignored = sorted(
+            unused = sorted(
                 k
                 for k, v in values.items()
                 if k.startswith(P.METHOD_PARAMS_PREFIX)
                 and v is not None
-                and k[len(P.METHOD_PARAMS_PREFIX) :] not in fields
+                and k[prefix:] not in fields
             )
-            if ignored:
+            if unused:
+                # Kept, so an override can be set before switching to the method that uses it.
                 self._logger.warning(
-                    f"method {method!r} does not use {', '.join(ignored)}; they stay set but are "
-                    "ignored while it is in use"
+                    f"method {method!r} does not use {', '.join(unused)}; kept, they apply when "
+                    "a method that has them is selected"
                 )
-            actions.append(lambda: self._request_method(method, overrides))
+            uses_change = method_changed or any(k[prefix:] in fields for k in override_changed)
+            if uses_change:
+                actions.append(lambda: self._request_method(method, overrides))
 
         engine_updates: dict[str, Any] = {}
         node_updates: dict[str, Any] = {}
@@ -630,6 +631,8 @@ class OvsegNode(Node):
         cfg = self.segmenter.config
         self._vocab_error = f"{kind} change failed: {exc}"
         self._logger.error(f"{self._vocab_error}; still using the previous {kind}")
+        if self._reconfigurer.has_pending(kind):
+            return  # a newer request of this kind follows and decides what is in use
         if kind == "vocabulary":
             restore = [
                 Parameter("vocabulary", Parameter.Type.STRING_ARRAY, list(cfg.vocabulary)),
