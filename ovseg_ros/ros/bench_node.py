@@ -118,7 +118,7 @@ def run_node_bench(
         while time.monotonic() < deadline:
             if predicate():
                 return True
-            executor.spin_once(timeout_sec=0.005)
+            executor.spin_once(timeout_sec=0.1)
         return predicate()
 
     engine_ms: list[float] = []
