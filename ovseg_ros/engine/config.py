@@ -219,14 +219,7 @@ class SegmenterConfig:
 
     def validate(self) -> SegmenterConfig:
         """Check every field against its metadata; raise ValueError naming the parameter."""
-        for f in dataclasses.fields(self):
-            meta = f.metadata
-            value = getattr(self, f.name)
-            key = meta["key"]
-            if meta["choices"] and value not in meta["choices"]:
-                raise ValueError(f"{key} must be one of {list(meta['choices'])}, got {value!r}")
-            if meta["lo"] is not None and not (meta["lo"] <= value <= meta["hi"]):
-                raise ValueError(f"{key} must be in [{meta['lo']}, {meta['hi']}], got {value!r}")
+        check_fields(self)
         if self.mode == "slide" and self.stride > self.crop:
             raise ValueError(
                 f"inference.stride ({self.stride}) must not exceed inference.crop ({self.crop}), "
@@ -256,6 +249,18 @@ class SegmenterConfig:
         if method_params:
             kwargs["method_params"] = {**kwargs.get("method_params", {}), **method_params}
         return cls(**kwargs).validate()
+
+
+def check_fields(obj: Any) -> None:
+    """Check a dataclass built with _opt metadata against its choices and ranges."""
+    for f in dataclasses.fields(obj):
+        meta = f.metadata
+        value = getattr(obj, f.name)
+        key = meta["key"]
+        if meta["choices"] and value not in meta["choices"]:
+            raise ValueError(f"{key} must be one of {list(meta['choices'])}, got {value!r}")
+        if meta["lo"] is not None and not (meta["lo"] <= value <= meta["hi"]):
+            raise ValueError(f"{key} must be in [{meta['lo']}, {meta['hi']}], got {value!r}")
 
 
 def parameter_fields() -> list[dataclasses.Field]:

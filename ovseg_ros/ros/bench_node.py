@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -24,6 +23,7 @@ from ..engine import Segmenter, SegmenterConfig
 from ..engine.config import parameter_fields
 from ..engine.segmenter import load_backbone
 from ..samples import sample_images
+from .demo import share_dir
 
 DEFAULT_OUTPUTS = ("labels", "confidence", "overlay")
 
@@ -69,9 +69,9 @@ def run_node_bench(
 ) -> dict[str, Any]:
     """Time `frames` frames through the engine and through the node, alternating; see module doc."""
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    profile = Path(__file__).resolve().parents[2] / "config" / "fastdds.xml"
-    if profile.is_file():
-        os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(profile))
+    os.environ.setdefault(
+        "FASTDDS_DEFAULT_PROFILES_FILE", str(share_dir() / "config" / "fastdds.xml")
+    )
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import SingleThreadedExecutor

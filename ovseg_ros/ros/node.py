@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import re
 import sys
@@ -91,10 +90,7 @@ DEFAULT_CAMERA = ""
 
 _VOCAB_KEYS = ("vocabulary", "background_words", "templates")
 _METHOD_KEYS = ("method",)
-_NODE_KEYS = {s.name for s in P.parameter_specs() if s.owner == "node"}
 _STATS_WINDOW = 200  # samples kept for the latency / inference-time percentiles
-
-log = logging.getLogger("ovseg_ros.node")
 
 
 class StartupError(RuntimeError):
@@ -172,8 +168,6 @@ class CameraStats:
     skipped_idle: int = 0  # frames not segmented because no output had a subscriber
     stale: int = 0  # outputs discarded because a newer vocabulary was announced meanwhile
     published: int = 0
-    last_input: float = 0.0  # monotonic time of the last frame received
-    last_output: float = 0.0
     rejected_seen: int = 0  # counts at the previous diagnostics report (WARN only on news)
     failed_seen: int = 0
 
@@ -430,9 +424,10 @@ class OvsegNode(Node):
                     FloatingPointRange(from_value=float(spec.lo), to_value=float(spec.hi), step=0.0)
                 ]
             self._declare(spec.name, spec.default, spec.kind, descriptor)
-        names = sorted({p for m in describe_methods() for p in m["params"]})
+        methods = describe_methods()
+        names = sorted({p for m in methods for p in m["params"]})
         for name in names:
-            owners = [m["name"] for m in describe_methods() if name in m["params"]]
+            owners = [m["name"] for m in methods if name in m["params"]]
             self.declare_parameter(
                 P.method_param_name(name),
                 None,
@@ -782,7 +777,6 @@ class OvsegNode(Node):
 
     def _on_image(self, cam: Camera, msg: Any) -> None:
         """Executor callback: keep the newest frame; nothing heavy here."""
-        cam.stats.last_input = time.monotonic()
         if not self._worker.enabled:
             return
         self._slots.put(Frame(camera=cam.name, image=msg, header=msg.header))
@@ -878,7 +872,6 @@ class OvsegNode(Node):
                 info.header = header_copy(header)
                 cam.info_pub.publish(info)
         cam.stats.published += 1
-        cam.stats.last_output = time.monotonic()
         now = self.get_clock().now().nanoseconds * 1e-9
         stamp = stamp_seconds(frame.header)
         latency = (now - stamp) if stamp > 0 else (time.monotonic() - frame.received)

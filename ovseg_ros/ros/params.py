@@ -14,22 +14,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.config import SegmenterConfig, parameter_fields
+from ..engine.config import SegmenterConfig, _opt, check_fields, parameter_fields
 
 TRANSPORTS = ("raw", "compressed")
 INPUT_QOS = ("auto", "sensor_data", "reliable")
 OUTPUT_QOS = ("reliable", "sensor_data")
-
-
-def _opt(
-    key: str,
-    help: str,
-    choices: tuple[str, ...] = (),
-    lo: float | None = None,
-    hi: float | None = None,
-    runtime: bool = False,
-) -> dict[str, Any]:
-    return {"key": key, "help": help, "choices": choices, "lo": lo, "hi": hi, "runtime": runtime}
 
 
 @dataclass
@@ -243,13 +232,7 @@ def split_values(values: dict[str, Any]) -> tuple[SegmenterConfig, NodeOptions]:
 
 def check_node_options(options: NodeOptions) -> NodeOptions:
     """Validate the node options against their metadata; ValueError names the parameter."""
-    for f in dataclasses.fields(options):
-        meta = f.metadata
-        value = getattr(options, f.name)
-        if meta["choices"] and value not in meta["choices"]:
-            raise ValueError(f"{meta['key']} must be one of {list(meta['choices'])}, got {value!r}")
-        if meta["lo"] is not None and not (meta["lo"] <= value <= meta["hi"]):
-            raise ValueError(f"{meta['key']} must be in [{meta['lo']}, {meta['hi']}], got {value}")
+    check_fields(options)
     cameras = options.cameras
     for name in cameras:
         if not camera_name_ok(name):
