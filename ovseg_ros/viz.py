@@ -59,6 +59,24 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
+def _check_class_ids(labels: np.ndarray, num_colors: int) -> None:
+    """Raise if a labelled pixel has a class id without a colour."""
+    ignore = unlabeled_value(labels)
+    if labels.dtype == np.uint8:
+        # A histogram is cheaper than masking the labelled pixels out to take their maximum.
+        counts = np.bincount(labels.ravel(), minlength=256)[:ignore]
+        used = np.flatnonzero(counts)
+        highest = int(used[-1]) if used.size else -1
+    else:
+        labelled = labels != ignore
+        highest = int(labels[labelled].max()) if labelled.any() else -1
+    if highest >= num_colors:
+        raise ValueError(
+            f"label map contains class {highest} but only {num_colors} colours were given; "
+            f"pass palette(n) with n > {highest}"
+        )
+
+
 def colorize(
     labels: np.ndarray,
     colors: np.ndarray,
@@ -67,18 +85,18 @@ def colorize(
     """Map an HxW label map to an HxWx3 uint8 RGB image using ``colors[label]``."""
     labels = _check_labels(labels)
     colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
-    ignore = unlabeled_value(labels)
-    labelled = labels != ignore
-    if labelled.any():
-        highest = int(labels[labelled].max())
-        if highest >= len(colors):
-            raise ValueError(
-                f"label map contains class {highest} but only {len(colors)} colours were given; "
-                f"pass palette(n) with n > {highest}"
-            )
+    _check_class_ids(labels, len(colors))
+    unlabeled_row = np.asarray(unlabeled_color, dtype=np.uint8).reshape(1, 3)
+    if labels.dtype == np.uint8:
+        # A 256-entry lookup table applied by OpenCV per channel: several times faster than a
+        # numpy gather at camera resolutions.
+        table = np.zeros((256, 3), np.uint8)
+        table[: min(len(colors), 255)] = colors[:255]
+        table[255] = unlabeled_row
+        return cv2.LUT(cv2.merge([labels, labels, labels]), table.reshape(256, 1, 3))
     # One extra row at the end holds the unlabeled colour so a single gather does everything.
-    table = np.vstack([colors, np.asarray(unlabeled_color, dtype=np.uint8).reshape(1, 3)])
-    index = np.where(labelled, labels, len(colors))
+    table = np.vstack([colors, unlabeled_row])
+    index = np.where(labels != unlabeled_value(labels), labels, len(colors))
     return table[index]
 
 
@@ -218,15 +236,35 @@ def overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
-    color_image = colorize(labels, colors)
-    labelled = labels != unlabeled_value(labels)
     out = rgb.copy()
     if alpha > 0.0:
-        blended = rgb[labelled].astype(np.float32) * (1.0 - alpha)
-        blended += color_image[labelled].astype(np.float32) * alpha
-        out[labelled] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        color_image = colorize(labels, colors)
+        blended = cv2.addWeighted(rgb, 1.0 - alpha, color_image, alpha, 0.0)
+        labelled = (labels != unlabeled_value(labels)).view(np.uint8)
+        cv2.copyTo(blended, labelled, out)
+    else:
+        _check_class_ids(labels, len(colors))
     if legend and names is not None:
         entries = legend_entries(labels, names)
         if entries:
             _draw_legend(out, entries, colors)
     return out
+
+
+def confidence_u8(confidence: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] (float) -> 0-255 uint8, rounded and saturated (mono8 output)."""
+    confidence = np.asarray(confidence)
+    if confidence.dtype != np.float32:
+        confidence = confidence.astype(np.float32)
+    # convertScaleAbs rounds and saturates in one pass; probabilities are never negative.
+    return cv2.convertScaleAbs(confidence, alpha=255.0)
+
+
+def class_mask(labels: np.ndarray, class_id: int) -> np.ndarray:
+    """0/255 uint8 mask of the pixels labelled class_id."""
+    labels = _check_labels(labels)
+    if labels.dtype == np.uint8:
+        if not 0 <= class_id <= 255:
+            return np.zeros(labels.shape, np.uint8)
+        return cv2.compare(labels, class_id, cv2.CMP_EQ)
+    return (labels == class_id).astype(np.uint8) * np.uint8(255)

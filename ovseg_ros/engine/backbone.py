@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,59 @@ class Backbone:
         self.std = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._pos_lock = threading.Lock()
+        self.quantized = False
+        self.compile_mode = "none"
+        self._trunk = self._run_trunk
+
+    def quantize_int8(self) -> int:
+        """Swap the vision tower's nn.Linear layers for dynamic int8 ones; return how many.
+
+        CPU and fp32 only (the int8 kernels are CPU kernels that take fp32 activations). The MLPs
+        become int8; attention's in/out projections keep fp32, because the methods read their
+        weights directly.
+        """
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError(
+                "model.quantize int8 runs on the CPU in fp32; set device cpu and precision fp32 "
+                "(or auto), or model.quantize none"
+            )
+        engines = torch.backends.quantized.supported_engines
+        if torch.backends.quantized.engine not in engines or torch.backends.quantized.engine == (
+            "none"
+        ):
+            preferred = [e for e in ("x86", "fbgemm", "qnnpack") if e in engines]
+            if not preferred:
+                raise ValueError(
+                    f"this torch build has no int8 CPU kernels (engines {engines}); set "
+                    "model.quantize none"
+                )
+            torch.backends.quantized.engine = preferred[0]
+        before = sum(type(m) is nn.Linear for m in self.visual.modules())
+        with warnings.catch_warnings():
+            # torch.ao.quantization announces its move to torchao; the eager API still works.
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import quantize_dynamic
+
+            quantize_dynamic(self.visual, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        self.quantized = True
+        return before
+
+    def compile_trunk(self, mode: str) -> None:
+        """torch.compile the blocks before the last (the part every method shares)."""
+        if mode == "none":
+            self._trunk, self.compile_mode = self._run_trunk, "none"
+            return
+        kwargs = {} if mode == "default" else {"mode": mode}
+        # dynamic=False: one graph per frame size (a camera keeps its size), no shape guards
+        # that would slow every frame; a new size compiles once.
+        self._trunk = torch.compile(self._run_trunk, dynamic=False, **kwargs)
+        self.compile_mode = mode
+
+    def _run_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Blocks 1..L-1 with their normal forward."""
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return x
 
     @property
     def num_layers(self) -> int:
@@ -338,6 +392,8 @@ class Backbone:
         """Run blocks 1..L-1 on normalised images; return the last block's input and the grid."""
         x, grid = self.embed(images)
         cap = BlockCapture()
+        if not (capture_inputs or capture_attention):
+            return self._trunk(x), grid, cap
         for block in self.blocks[:-1]:
             if capture_inputs:
                 cap.inputs.append(x)
@@ -359,13 +415,37 @@ class Backbone:
 
 
 def build_backbone(
-    name: str, pretrained: str, checkpoint: str, cache_dir: str, device: str, precision: str
+    name: str,
+    pretrained: str,
+    checkpoint: str,
+    cache_dir: str,
+    device: str,
+    precision: str,
+    quantize: str = "none",
+    compile_mode: str = "none",
 ) -> Backbone:
-    """Load an open_clip ViT and wrap it for dense inference on the chosen device/precision."""
+    """Load an open_clip ViT and wrap it for dense inference on the chosen device/precision.
+
+    quantize 'int8' makes the ViT's linear layers dynamic int8 (CPU); compile_mode other than
+    'none' compiles the shared blocks with torch.compile (that mode).
+    """
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
+    if quantize == "int8" and (dev.type != "cpu" or dtype != torch.float32):
+        # Checked before loading: a wrong pair should not cost a model load to find out.
+        raise ValueError(
+            f"model.quantize int8 runs on the CPU in fp32, not on {dev} in "
+            f"{str(dtype).removeprefix('torch.')}; set device cpu and precision fp32 (or auto), "
+            "or model.quantize none"
+        )
     model, source = load_clip(name, pretrained, checkpoint, cache_dir)
-    return Backbone(model, name=name, source=source, device=dev, dtype=dtype)
+    backbone = Backbone(model, name=name, source=source, device=dev, dtype=dtype)
+    if quantize == "int8":
+        count = backbone.quantize_int8()
+        backbone.source += f", int8 dynamic ({count} linear layers)"
+    if compile_mode != "none":
+        backbone.compile_trunk(compile_mode)
+    return backbone
 
 
 def default_cache_root() -> Path:

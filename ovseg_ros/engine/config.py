@@ -56,6 +56,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 TEMPLATE_SETS = ("imagenet80", "seven", "single")
 REFINERS = ("none", "pamr")
 MODES = ("whole", "slide")
+QUANTIZE = ("none", "int8")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 def _opt(
@@ -108,6 +110,34 @@ class SegmenterConfig:
             "precision",
             "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 (CUDA only) or bf16",
             choices=PRECISIONS,
+        ),
+    )
+    quantize: str = field(
+        default="none",
+        metadata=_opt(
+            "model.quantize",
+            "int8: dynamic int8 quantisation of the ViT's linear layers (CPU only; faster, "
+            "labels differ slightly from fp32, see BENCHMARKS.md); none: off",
+            choices=QUANTIZE,
+        ),
+    )
+    compile: str = field(
+        default="none",
+        metadata=_opt(
+            "model.compile",
+            "torch.compile the ViT blocks before the last (the first frame of each size "
+            "compiles, which takes a while; reduce-overhead adds CUDA graphs on a GPU); none: off",
+            choices=COMPILE_MODES,
+        ),
+    )
+    threads: int = field(
+        default=0,
+        metadata=_opt(
+            "cpu.threads",
+            "torch threads for CPU inference (0 = torch's default, one per core); the setting "
+            "is per process",
+            lo=0,
+            hi=1024,
         ),
     )
     method: str = field(

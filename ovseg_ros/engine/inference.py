@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 import numpy as np
 import torch
@@ -17,6 +19,39 @@ def to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
     """HxWx3 uint8 -> (1, 3, H, W) float32 in [0, 1] on device."""
     t = torch.from_numpy(np.ascontiguousarray(rgb)).to(device, non_blocking=True)
     return t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+
+
+class HostStaging:
+    """Uploads frames to a CUDA device through a reused page-locked buffer per thread and size.
+
+    A copy from pageable memory makes the driver stage it through its own pinned buffer first;
+    copying into one of ours and uploading from there saves that copy and lets the transfer run
+    asynchronously. A buffer is reused by the next frame of the same thread, after the frame that
+    used it has synchronised (Segmenter.segment waits for its results), so no copy is overwritten
+    in flight. On the CPU this is to_tensor.
+    """
+
+    def __init__(self, pin: bool | None = None) -> None:
+        """pin: use page-locked buffers (default: whenever CUDA is available)."""
+        self._pin = torch.cuda.is_available() if pin is None else pin
+        self._local = threading.local()
+
+    def buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """This thread's uint8 staging buffer of that shape (allocated on first use)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or tuple(buf.shape) != tuple(shape):
+            buf = torch.empty(shape, dtype=torch.uint8, pin_memory=self._pin)
+            self._local.buf = buf
+        return buf
+
+    def upload(self, rgb: np.ndarray, device: torch.device) -> torch.Tensor:
+        """HxWx3 uint8 -> (1, 3, H, W) float32 in [0, 1] on device (uint8 crosses the bus)."""
+        if device.type != "cuda":
+            return to_tensor(rgb, device)
+        buf = self.buffer(rgb.shape)
+        buf.numpy()[...] = rgb
+        t = buf.to(device, non_blocking=True)
+        return t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
 #: The long side is capped here (mmseg's test scale (2048, short side) of the published protocol),
@@ -42,6 +77,42 @@ def resize(image: torch.Tensor, short_side: int) -> torch.Tensor:
     )
 
 
+#: Largest input (h * w) that upsample_bilinear enlarges with matrix products: patch grids.
+_MATMUL_UPSAMPLE_MAX_INPUT = 4096
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in) matrix of 1-D linear interpolation (align_corners=False), as F.interpolate.
+
+    Built by interpolating unit impulses, so the weights are exactly those torch uses.
+    """
+    # Normal (not inference-mode) tensors: the cache outlives the inference_mode call that fills it.
+    with torch.inference_mode(False):
+        impulses = torch.eye(n_in, device=device, dtype=torch.float32).unsqueeze(1)
+        weights = F.interpolate(impulses, size=n_out, mode="linear", align_corners=False)
+        return weights[:, 0].T.contiguous()
+
+
+def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False) of (B, C, h, w) float maps to size (H, W).
+
+    Bilinear interpolation is separable, so enlarging a small patch grid is two small matrix
+    products, Ry @ x @ Rx^T: about 4x faster than F.interpolate on the CPU for the 40-odd query
+    channels of a 640x480 frame, and the same numbers (to float rounding). Shrinking, and large
+    inputs (where the dense matrices cost more than they save), use F.interpolate.
+    """
+    h, w = x.shape[-2:]
+    out_h, out_w = size
+    if (h, w) == (out_h, out_w):
+        return x
+    if out_h < h or out_w < w or h * w > _MATMUL_UPSAMPLE_MAX_INPUT:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    ry = _linear_weights(h, out_h, x.device).to(x.dtype)
+    rx = _linear_weights(w, out_w, x.device).to(x.dtype)
+    return torch.matmul(ry, torch.matmul(x, rx.T))
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad (bottom, right) so H and W are multiples (zero = mean colour once normalised)."""
     h, w = x.shape[-2:]
@@ -58,7 +129,7 @@ def _crop_logits(
     outs = []
     for start in range(0, crops.shape[0], max_batch):
         logits = method.logits(backbone, padded[start : start + max_batch], vocab)
-        logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        logits = upsample_bilinear(logits, padded.shape[-2:])
         outs.append(logits[..., :h, :w])
     return torch.cat(outs)
 

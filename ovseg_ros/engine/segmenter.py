@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone, build_backbone, default_cache_root
 from .config import SegmenterConfig
-from .inference import resize, slide_logits, to_tensor, whole_logits
+from .inference import HostStaging, resize, slide_logits, whole_logits
 from .methods import Method, create_method
 from .methods.base import collect_timings
 from .refine import class_probabilities, pamr, suppress_small_classes
@@ -79,6 +79,8 @@ def load_backbone(cfg: SegmenterConfig) -> Backbone:
         cfg.model_cache_dir,
         cfg.device,
         cfg.precision,
+        cfg.quantize,
+        cfg.compile,
     )
 
 
@@ -129,6 +131,9 @@ class Segmenter:
         self.text = TextEncoder(
             self.backbone.model, cfg.model_name, self.backbone.device, self.backbone.dtype, cache
         )
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._staging = HostStaging()
         self._lock = threading.Lock()
         self._version = 0
         self._in_flight: dict[int, int] = {}  # id(method) -> frames using it now
@@ -213,6 +218,9 @@ class Segmenter:
             "model_cache_dir",
             "device",
             "precision",
+            "quantize",
+            "compile",
+            "threads",
             "text_cache_dir",
             "method",
             "method_params",
@@ -253,7 +261,7 @@ class Segmenter:
         self, rgb: np.ndarray, cfg: SegmenterConfig, method: Method, vocab: Vocabulary
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-query logits (Q, H', W') at the resized scale, and the resized image in [0, 1]."""
-        image = resize(to_tensor(rgb, self.device), cfg.short_side)
+        image = resize(self._staging.upload(rgb, self.device), cfg.short_side)
         normed = self.backbone.normalize(image)
         if cfg.mode == "slide":
             logits = slide_logits(
@@ -274,28 +282,56 @@ class Segmenter:
         """Label every pixel of an RGB image with a class id of the current vocabulary."""
         t0 = time.perf_counter()
         rgb = as_rgb(rgb)
+        # On a GPU the split is timed with CUDA events, not by waiting for the model: the host
+        # queues the post-processing while the GPU still runs the network.
+        events = (
+            [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            if self.device.type == "cuda"
+            else None
+        )
         with self._frame() as (cfg, method, vocab), collect_timings() as extra:
+            if events:
+                events[0].record()
             logits, image = self._forward(rgb, cfg, method, vocab)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        t1 = time.perf_counter()
-        labels, confidence = self._labels(logits, image, vocab, cfg, rgb.shape[:2])
-        n = vocab.num_classes
-        labels_np = labels.cpu().numpy().astype(np.uint8 if n <= 255 else np.uint16)
-        conf_np = confidence.cpu().numpy()
-        flat = labels_np.ravel()
-        counts = np.bincount(flat, minlength=n + 1)[:n]
-        sums = np.bincount(flat, weights=conf_np.ravel(), minlength=n + 1)[:n]
+            if events:
+                events[1].record()
+            t1 = time.perf_counter()
+            labels, confidence = self._labels(logits, image, vocab, cfg, rgb.shape[:2])
+            labels_np, conf_np, counts, sums = self._download(labels, confidence, vocab)
         fractions = (counts / labels_np.size).astype(np.float32)
         scores = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
         t2 = time.perf_counter()
+        # The download waited for the GPU, so both events have completed.
+        model_ms = events[0].elapsed_time(events[1]) if events else (t1 - t0) * 1e3
         timings = {
-            "model": (t1 - t0) * 1e3,
-            "postprocess": (t2 - t1) * 1e3,
+            "model": model_ms,
+            "postprocess": max(0.0, (t2 - t0) * 1e3 - model_ms),
             "total": (t2 - t0) * 1e3,
         }
         timings.update({k: v for k, v in extra.items() if k not in timings})
         return Result(labels_np, conf_np, fractions, scores, vocab, timings)
+
+    def _download(
+        self, labels: torch.Tensor, confidence: torch.Tensor, vocab: Vocabulary
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Labels, confidence and per-class pixel counts / confidence sums, as numpy.
+
+        The per-class statistics are reduced where the maps are (the GPU), and the label map is
+        narrowed to uint8 there, so that the host receives 1 byte per pixel plus two short vectors
+        instead of int32 maps to count over.
+        """
+        n = vocab.num_classes
+        flat = labels.flatten()
+        # The unlabeled value (255 / 65535) lands in a bin past the classes, which is cut off.
+        size = vocab.unlabeled + 1
+        counts = torch.bincount(flat, minlength=size)[:n]
+        sums = torch.bincount(flat, weights=confidence.flatten(), minlength=size)[:n]
+        narrow = labels.to(torch.uint8) if n <= 255 else labels
+        stats = torch.stack([counts.to(sums.dtype), sums]).cpu().numpy().astype(np.float64)
+        labels_np = narrow.cpu().numpy()
+        if n > 255:
+            labels_np = labels_np.astype(np.uint16)
+        return labels_np, confidence.cpu().numpy(), stats[0], stats[1]
 
     def _labels(
         self,
@@ -310,7 +346,7 @@ class Segmenter:
             logits = pamr(image, logits.unsqueeze(0))[0]
         n = vocab.num_classes
         groups = n + (1 if vocab.background_words else 0)
-        prob = class_probabilities(logits, vocab.query_class, groups)
+        prob = class_probabilities(logits, vocab.query_class, groups, vocab.group_sizes)
         if prob.shape[-2:] != size:
             prob = F.interpolate(
                 prob.unsqueeze(0), size=size, mode="bilinear", align_corners=False

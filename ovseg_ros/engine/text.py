@@ -120,6 +120,12 @@ class Vocabulary:
         return [c.name for c in self.classes]
 
     @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Queries per group in embedding-row order: each class's synonyms, then background."""
+        sizes = tuple(len(c.synonyms) for c in self.classes)
+        return sizes + ((len(self.background_words),) if self.background_words else ())
+
+    @property
     def queries(self) -> list[str]:
         """Every encoded query, in embedding-row order."""
         return [s for c in self.classes for s in c.synonyms] + list(self.background_words)

@@ -60,7 +60,7 @@ from ..engine.backbone import ModelLoadError
 from ..engine.config import TEMPLATE_SETS
 from ..engine.methods import describe_methods, make_params, method_class
 from ..engine.text import Vocabulary, parse_background, parse_vocabulary
-from ..viz import class_colors, overlay
+from ..viz import class_colors, class_mask, confidence_u8, overlay
 from . import params as P
 from .codec import (
     ImageDecodeError,
@@ -855,7 +855,7 @@ class OvsegNode(Node):
             if want_labels:
                 cam.labels_pub.publish(labels_to_msg(result.labels, header))
             if want_conf:
-                conf = np.clip(np.rint(result.confidence * 255.0), 0, 255).astype(np.uint8)
+                conf = confidence_u8(result.confidence)
                 cam.confidence_pub.publish(mono8_to_msg(conf, header))
             if want_overlay:
                 colors = class_colors(max(vocab.num_classes, 1))
@@ -865,8 +865,7 @@ class OvsegNode(Node):
                 for cid, pub in enumerate(cam.mask_pubs):
                     if pub.get_subscription_count() == 0:
                         continue
-                    mask = (result.labels == cid).astype(np.uint8) * np.uint8(255)
-                    pub.publish(mono8_to_msg(mask, header))
+                    pub.publish(mono8_to_msg(class_mask(result.labels, cid), header))
             if want_info:
                 info = copy.deepcopy(cam.camera_info)
                 info.header = header_copy(header)
