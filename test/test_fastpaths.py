@@ -218,3 +218,13 @@ def test_lookup_table_colorize_matches_a_gather():
     np.testing.assert_array_equal(colorize(labels, colors), expected)
     with pytest.raises(ValueError, match="contains class 29"):
         colorize(labels, palette(29))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_frame_path_agrees_with_the_cpu(photos, make_segmenter, precision):
+    gpu = Segmenter(SegmenterConfig(**{**TINY_CONFIG, "device": "cuda", "precision": precision}))
+    result = gpu.segment(photos[0])
+    assert result.labels.dtype == np.uint8 and result.confidence.dtype == np.float32
+    assert 0 < result.timings["model"] <= result.timings["total"]
+    assert agreement(gpu, make_segmenter(), photos) > 0.9
