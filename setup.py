@@ -19,6 +19,7 @@ setup(
             f"share/{PACKAGE_NAME}/config",
             glob("config/*.yaml") + glob("config/*.rviz") + glob("config/*.xml"),
         ),
+        (f"share/{PACKAGE_NAME}/config/vocabularies", glob("config/vocabularies/*.txt")),
     ],
     # Runtime dependencies come from rosdep (package.xml) or requirements.txt, not from pip here.
     install_requires=["setuptools"],

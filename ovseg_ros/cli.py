@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.build_parser(demo_parser)
     demo_parser.set_defaults(func=demo.run)
+    from .evaluation.cli import add_eval_parser  # here: evaluation.cli imports this module
+
+    add_eval_parser(sub)
     return parser
 
 
