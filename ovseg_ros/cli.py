@@ -239,27 +239,65 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Time every method on one frame size (whole and slide) and the text encoder."""
-    from .bench import run_engine_bench
+    """Engine matrix, step breakdown and text timings (or the node bench with --node)."""
+    import shlex
+    import time
+
+    from .bench import (
+        DEFAULT_METHODS,
+        format_engine_bench,
+        parse_size,
+        run_engine_bench,
+        write_outputs,
+    )
     from .engine import available_methods
 
     cfg = config_from_args(args)
-    height, width = (int(v) for v in args.size.lower().split("x")[::-1])
+    sizes = [parse_size(s) for s in args.sizes]
+    # The command line as typed (recorded in bench.md / bench.json); empty when called from Python.
+    typed = Path(sys.argv[0]).name in ("ovseg", "cli.py", "__main__.py")
+    command = "ovseg " + shlex.join(sys.argv[1:]) if typed else ""
+    date = time.strftime("%Y-%m-%d")
+    progress = None if args.quiet else (lambda text: print(f"... {text}", file=sys.stderr))
     if args.node:
-        from .ros.bench_node import format_node_bench, run_node_bench
+        from .ros.bench_node import format_node_bench, run_node_bench, write_node_outputs
 
-        print(format_node_bench(run_node_bench(cfg, (height, width), args.frames)))
+        result = run_node_bench(
+            cfg, sizes[0], args.frames, duration=args.duration, rate=args.rate, progress=progress
+        )
+        print(format_node_bench(result))
+        if args.out:
+            for path in write_node_outputs(result, Path(args.out), command, date).values():
+                print(f"wrote {path}", file=sys.stderr)
         return 0
-    methods = args.methods or available_methods()
-    report = run_engine_bench(
+    if not args.methods:
+        methods = list(DEFAULT_METHODS)
+    elif args.methods == ["all"]:
+        methods = available_methods()
+    else:
+        methods = args.methods
+    bench = run_engine_bench(
         cfg,
         methods,
         args.modes,
-        (height, width),
+        sizes,
         args.repeats,
         None if args.text_templates == "none" else args.text_templates,
+        devices=args.devices,
+        precisions=args.precisions,
+        quantize=args.bench_quantize,
+        compile_modes=args.bench_compile,
+        threads=args.bench_threads,
+        warmup=args.warmup,
+        seed=args.seed,
+        agreement_frames=args.agreement_frames,
+        steps_size=None if args.steps_size == "none" else parse_size(args.steps_size),
+        progress=progress,
     )
-    print(report)
+    print(format_engine_bench(bench))
+    if args.out:
+        for path in write_outputs(bench, Path(args.out), command, date).values():
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -292,23 +330,104 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     add_config_arguments(seg)
     seg.set_defaults(func=cmd_segment)
-    bench = sub.add_parser("bench", help="time the methods and the text encoder on this machine")
-    bench.add_argument("--size", default="640x480", help="frame size WxH [640x480]")
-    bench.add_argument("--methods", nargs="*", help="methods to time [all]")
-    bench.add_argument("--modes", nargs="*", default=["whole", "slide"], choices=["whole", "slide"])
+    bench = sub.add_parser(
+        "bench",
+        help="time the methods, the frame's steps and the text encoder (or the node) here",
+        description="Engine: one row per method x size x mode x variant (device, precision, "
+        "quantize, compile, threads; impossible combinations are skipped with a note), then the "
+        "steps of one frame and the text encoder. --node: the ROS node against the bare engine "
+        "(one frame at a time) and under a stream of frames. --out DIR also writes JSON, "
+        "Markdown and a PNG plot.",
+    )
+    bench.add_argument(
+        "--sizes",
+        "--size",
+        nargs="+",
+        default=["640x480"],
+        metavar="WxH",
+        help="input frame sizes [640x480]",
+    )
+    bench.add_argument(
+        "--methods",
+        nargs="*",
+        metavar="NAME",
+        help="methods to time, or 'all' [naclip sclip clearclip maskclip clip]",
+    )
+    bench.add_argument(
+        "--modes", nargs="+", default=["whole"], choices=["whole", "slide"], help="[whole]"
+    )
+    bench.add_argument(
+        "--devices",
+        nargs="+",
+        metavar="DEV",
+        help="devices (cpu, cuda, cuda:N, auto; an absent one is skipped) [--device]",
+    )
+    bench.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="precisions (invalid pairs such as fp16 on the CPU are skipped) [--precision]",
+    )
+    bench.add_argument(
+        "--quantize",
+        dest="bench_quantize",
+        nargs="+",
+        choices=["none", "int8"],
+        help="quantisation variants [--model-quantize]",
+    )
+    bench.add_argument(
+        "--compile",
+        dest="bench_compile",
+        nargs="+",
+        choices=["none", "default", "reduce-overhead", "max-autotune"],
+        help="torch.compile variants [--model-compile]",
+    )
+    bench.add_argument(
+        "--threads",
+        dest="bench_threads",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="torch CPU thread counts, 0 = torch's default [--cpu-threads]",
+    )
     bench.add_argument("--repeats", type=int, default=5, help="timed frames per row [5]")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed frames per row [1]")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random frames [0]")
+    bench.add_argument(
+        "--agreement-frames",
+        type=int,
+        default=3,
+        help="sample photos for the label agreement against fp32 eager (0 = off) [3]",
+    )
+    bench.add_argument(
+        "--steps-size",
+        default="640x480",
+        metavar="WxH",
+        help="frame size of the per-step breakdown, or 'none' [640x480]",
+    )
     bench.add_argument(
         "--text-templates",
         default="seven",
         choices=["none", "single", "seven", "imagenet80"],
-        help="template set for the text-encoding timing [seven]",
+        help="template set of the text-encoding timing, 20 classes [seven]",
     )
+    bench.add_argument("--out", help="also write bench.json, bench.md, bench.png here")
+    bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     bench.add_argument(
         "--node",
         action="store_true",
         help="time the ROS node end to end against the bare engine instead (same run)",
     )
-    bench.add_argument("--frames", type=int, default=10, help="frames for --node [10]")
+    bench.add_argument(
+        "--frames", type=int, default=10, help="--node: frames sent one at a time [10]"
+    )
+    bench.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        help="--node: seconds of streaming at --rate (0 = no streaming phase) [10]",
+    )
+    bench.add_argument("--rate", type=float, default=30.0, help="--node: stream rate in Hz [30]")
     add_config_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     meth = sub.add_parser("methods", help="list the methods and their hyper-parameters")

@@ -163,23 +163,82 @@ def test_bench_prints_a_row_per_method_and_mode(capsys):
     code = cli.main(
         [
             "bench",
-            "--size",
+            "--size",  # the old single-size flag still works
             "96x64",
             "--repeats",
             "1",
             "--methods",
             "naclip",
             "clearclip",
+            "--modes",
+            "whole",
+            "slide",
             "--text-templates",
             "single",
+            "--steps-size",
+            "none",
+            "--agreement-frames",
+            "0",
+            "-q",
             *TINY,
         ]
     )
     assert code == 0
     out = capsys.readouterr().out
-    for row in ("| naclip / whole |", "| naclip / slide |", "| clearclip / whole |"):
+    for row in ("| naclip | 96x64 | whole |", "| naclip | 96x64 | slide |", "| clearclip |"):
         assert row in out
-    assert "speed-up x" in out
+    assert "Truncation x" in out and "disk cache hit" in out
+
+
+def test_bench_matrix_flags_skip_impossible_variants_and_write_files(tmp_path, capsys):
+    out_dir = tmp_path / "bench"
+    code = cli.main(
+        [
+            "bench",
+            "--sizes",
+            "64x48",
+            "80x60",
+            "--methods",
+            "naclip",
+            "--devices",
+            "cpu",
+            "cuda:7",
+            "--precisions",
+            "fp32",
+            "fp16",
+            "--threads",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--steps-size",
+            "64x48",
+            "--text-templates",
+            "none",
+            "--short-side",
+            "64",
+            "--out",
+            str(out_dir),
+            "-q",
+            *TINY,
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "| cpu fp32 1 threads | naclip | 64x48 | whole |" in captured.out
+    assert "| cpu fp32 1 threads | naclip | 80x60 | whole |" in captured.out
+    assert "skipped cpu fp16" in captured.out and "skipped device cuda:7" in captured.out
+    assert "Outside the ViT" in captured.out
+    data = json.loads((out_dir / "bench.json").read_text())
+    assert len(data["rows"]) == 2 and data["settings"]["variants"] == ["cpu fp32 1 threads"]
+    assert (out_dir / "bench.md").read_text().count("| cpu fp32 1 threads |") == 2
+    assert (out_dir / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_rejects_a_bad_size(capsys):
+    assert cli.main(["bench", "--sizes", "640by480", *TINY]) == 2
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
 
 
 def test_console_script_runs_as_module():
