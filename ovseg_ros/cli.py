@@ -259,6 +259,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     command = "ovseg " + shlex.join(sys.argv[1:]) if typed else ""
     date = time.strftime("%Y-%m-%d")
     progress = None if args.quiet else (lambda text: print(f"... {text}", file=sys.stderr))
+    if args.against:
+        from .bench_revision import format_against, run_against
+
+        # Only the flags given: the other revision may not know every field of this one.
+        given = {k: v for k, v in vars(args).items() if k in {f.name for f in parameter_fields()}}
+        if cfg.method_params:
+            given["method_params"] = cfg.method_params
+        repo = Path(__file__).resolve().parents[1]
+        result = run_against(repo, args.against, given, args.variants, sizes[0], args.repeats)
+        print(format_against(result))
+        return 0
     if args.node:
         from .ros.bench_node import format_node_bench, run_node_bench, write_node_outputs
 
@@ -428,6 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="--node: seconds of streaming at --rate (0 = no streaming phase) [10]",
     )
     bench.add_argument("--rate", type=float, default=30.0, help="--node: stream rate in Hz [30]")
+    bench.add_argument(
+        "--against",
+        metavar="REV",
+        help="time this checkout against git revision REV (e.g. a release tag) in one run: "
+        "worker processes take frames in turn; segment + overlay per frame, --repeats rounds",
+    )
+    bench.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="--against: configs of this checkout to time too, e.g. precision=bf16 quantize=int8",
+    )
     add_config_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     meth = sub.add_parser("methods", help="list the methods and their hyper-parameters")

@@ -48,3 +48,14 @@ def test_head_against_itself_labels_alike_and_reports_ratios():
 def test_unknown_revision_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot check out revision 'no-such-rev'"):
         run_against(REPO, "no-such-rev", TINY_CONFIG, [], (32, 48), rounds=1)
+
+
+def test_cli_against_prints_the_table(capsys):
+    from ovseg_ros.cli import main
+
+    args = ["bench", "--against", "HEAD", "--variants", "threads=1", "--sizes", "48x32"]
+    args += ["--repeats", "1", "--model", "ovseg-tiny", "--pretrained", "none"]
+    args += ["--templates", "single", "--text-cache-dir", "none", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| HEAD (start) |" in out and "| threads=1 |" in out
