@@ -41,8 +41,27 @@ def test_int8_quantises_the_vision_mlps_and_keeps_labels(photos, make_segmenter)
     assert len(quantized) == 6
     text_tower = seg.backbone.model.transformer.modules()
     assert not any(isinstance(m, dynamic_linear) for m in text_tower)
-    assert seg.backbone.quantized and "int8" in seg.backbone.source
+    assert seg.backbone.quantized and "int8 dynamic (10 linear layers)" in seg.backbone.source
+    # The blocks before the last also run int8 attention projections (2 blocks x qkv, out).
+    assert len(seg.backbone._int8_attention) == 2
+    assert all(isinstance(m, dynamic_linear) for p in seg.backbone._int8_attention for m in p)
     assert agreement(seg, make_segmenter(), photos) > 0.95
+
+
+def test_int8_trunk_computes_the_blocks_forward(tiny_backbone):
+    q = build_backbone("ovseg-tiny", "none", "", "", "cpu", "fp32", quantize="int8")
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, _, _ = tiny_backbone.forward_to_last(images)
+        got, _, _ = q.forward_to_last(images)
+        # Same weights (seed 0), int8 projections: close to fp32, not equal.
+        rel = (got - expected).norm() / expected.norm()
+        assert 0 < rel < 0.05
+        # The fp32 weights are still there for the methods and the capturing paths.
+        captured, _, _ = q.forward_to_last(images, capture_attention=True)
+        block0 = q.blocks[0].attn
+        assert block0.in_proj_weight.dtype == torch.float32
+        assert (captured - expected).norm() / expected.norm() < 0.05
 
 
 @pytest.mark.parametrize("precision", ["bf16"])

@@ -266,25 +266,26 @@ class Backbone:
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._pos_lock = threading.Lock()
         self.quantized = False
+        self._int8_attention: list[tuple[nn.Module, nn.Module]] = []
         self.compile_mode = "none"
         self._trunk = self._run_trunk
 
     def quantize_int8(self) -> int:
-        """Swap the vision tower's nn.Linear layers for dynamic int8 ones; return how many.
+        """Make the vision tower's linear layers dynamic int8 for the CPU; return how many.
 
-        CPU and fp32 only (the int8 kernels are CPU kernels that take fp32 activations). The MLPs
-        become int8; attention's in/out projections keep fp32, because the methods read their
-        weights directly.
+        CPU and fp32 only (the int8 kernels are CPU kernels that take fp32 activations). Every
+        block's MLP becomes int8. The blocks before the last also get int8 copies of their
+        attention projections, used by the shared forward (_run_trunk); the fp32 weights stay,
+        because the methods and the capturing paths read them directly.
         """
         if self.device.type != "cpu" or self.dtype != torch.float32:
             raise ValueError(
                 "model.quantize int8 runs on the CPU in fp32; set device cpu and precision fp32 "
                 "(or auto), or model.quantize none"
             )
+        engine = torch.backends.quantized.engine
         engines = torch.backends.quantized.supported_engines
-        if torch.backends.quantized.engine not in engines or torch.backends.quantized.engine == (
-            "none"
-        ):
+        if engine == "none" or engine not in engines:
             preferred = [e for e in ("x86", "fbgemm", "qnnpack") if e in engines]
             if not preferred:
                 raise ValueError(
@@ -292,15 +293,27 @@ class Backbone:
                     "model.quantize none"
                 )
             torch.backends.quantized.engine = preferred[0]
-        before = sum(type(m) is nn.Linear for m in self.visual.modules())
         with warnings.catch_warnings():
             # torch.ao.quantization announces its move to torchao; the eager API still works.
             warnings.simplefilter("ignore")
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
             from torch.ao.quantization import quantize_dynamic
 
+            count = sum(type(m) is nn.Linear for m in self.visual.modules())
             quantize_dynamic(self.visual, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            projections = []
+            for block in self.blocks[:-1]:
+                attn: nn.MultiheadAttention = block.attn
+                qkv = nn.Linear(self.width, 3 * self.width, bias=attn.in_proj_bias is not None)
+                qkv.weight, qkv.bias = attn.in_proj_weight, attn.in_proj_bias
+                out = nn.Linear(self.width, self.width, bias=attn.out_proj.bias is not None)
+                out.weight, out.bias = attn.out_proj.weight, attn.out_proj.bias
+                for lin in (qkv, out):
+                    lin.qconfig = torch.ao.quantization.default_dynamic_qconfig
+                projections.append((DynamicLinear.from_float(qkv), DynamicLinear.from_float(out)))
+        self._int8_attention = projections
         self.quantized = True
-        return before
+        return count + 2 * len(projections)
 
     def compile_trunk(self, mode: str) -> None:
         """torch.compile the blocks before the last (the part every method shares)."""
@@ -314,10 +327,24 @@ class Backbone:
         self.compile_mode = mode
 
     def _run_trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Blocks 1..L-1 with their normal forward."""
+        """Blocks 1..L-1 with their normal forward (int8 attention projections if quantized)."""
+        if self._int8_attention:
+            for block, (qkv, out) in zip(self.blocks[:-1], self._int8_attention, strict=True):
+                x = self._int8_block(block, qkv, out, x)
+            return x
         for block in self.blocks[:-1]:
             x = block(x)
         return x
+
+    def _int8_block(
+        self, block: nn.Module, qkv: nn.Module, out: nn.Module, x: torch.Tensor
+    ) -> torch.Tensor:
+        """A block's normal forward with int8 projections: x + attn(ln_1 x), then x + MLP."""
+        b, n, _ = x.shape
+        q, k, v = qkv(block.ln_1(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        x = x + block.ls_1(out(attended))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     @property
     def num_layers(self) -> int:
