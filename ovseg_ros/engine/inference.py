@@ -26,9 +26,10 @@ class HostStaging:
 
     A copy from pageable memory makes the driver stage it through its own pinned buffer first;
     copying into one of ours and uploading from there saves that copy and lets the transfer run
-    asynchronously. A buffer is reused by the next frame of the same thread, after the frame that
-    used it has synchronised (Segmenter.segment waits for its results), so no copy is overwritten
-    in flight. On the CPU this is to_tensor.
+    asynchronously. Before the next frame of the same thread overwrites the buffer, it waits for
+    the event recorded after the previous upload (at once in Segmenter.segment, which has already
+    waited for its results; it matters for callers that keep the logits on the GPU, such as
+    dense_logits). On the CPU this is to_tensor.
     """
 
     def __init__(self, pin: bool | None = None) -> None:
@@ -49,8 +50,14 @@ class HostStaging:
         if device.type != "cuda":
             return to_tensor(rgb, device)
         buf = self.buffer(rgb.shape)
+        pending = getattr(self._local, "copied", None)
+        if pending is not None:
+            pending.synchronize()  # the previous upload from this buffer has finished reading it
         buf.numpy()[...] = rgb
         t = buf.to(device, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self._local.copied = copied
         return t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 

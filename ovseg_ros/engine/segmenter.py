@@ -327,7 +327,8 @@ class Segmenter:
         counts = torch.bincount(flat, minlength=size)[:n]
         sums = torch.bincount(flat, weights=confidence.flatten(), minlength=size)[:n]
         narrow = labels.to(torch.uint8) if n <= 255 else labels
-        stats = torch.stack([counts.to(sums.dtype), sums]).cpu().numpy().astype(np.float64)
+        # float64: pixel counts of large frames stay exact (float32 stops at 2**24).
+        stats = torch.stack([counts.double(), sums.double()]).cpu().numpy()
         labels_np = narrow.cpu().numpy()
         if n > 255:
             labels_np = labels_np.astype(np.uint16)
