@@ -93,6 +93,7 @@ def colorize(
         table = np.zeros((256, 3), np.uint8)
         table[: min(len(colors), 255)] = colors[:255]
         table[255] = unlabeled_row
+        labels = np.ascontiguousarray(labels)  # OpenCV takes no negative or gapped strides
         return cv2.LUT(cv2.merge([labels, labels, labels]), table.reshape(256, 1, 3))
     # One extra row at the end holds the unlabeled colour so a single gather does everything.
     table = np.vstack([colors, unlabeled_row])
@@ -236,12 +237,13 @@ def overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+    rgb = np.ascontiguousarray(rgb)  # e.g. a BGR->RGB view with negative strides
     out = rgb.copy()
     if alpha > 0.0:
         color_image = colorize(labels, colors)
         blended = cv2.addWeighted(rgb, 1.0 - alpha, color_image, alpha, 0.0)
         labelled = (labels != unlabeled_value(labels)).view(np.uint8)
-        cv2.copyTo(blended, labelled, out)
+        out = cv2.copyTo(blended, labelled, out)
     else:
         _check_class_ids(labels, len(colors))
     if legend and names is not None:

@@ -13,7 +13,7 @@ from ovseg_ros.engine import Segmenter, SegmenterConfig, build_backbone
 from ovseg_ros.engine.inference import HostStaging, to_tensor, upsample_bilinear
 from ovseg_ros.engine.refine import class_probabilities
 from ovseg_ros.samples import sample_images
-from ovseg_ros.viz import class_mask, colorize, confidence_u8, palette
+from ovseg_ros.viz import class_mask, colorize, confidence_u8, overlay, palette
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +247,14 @@ def test_gpu_frame_path_agrees_with_the_cpu(photos, make_segmenter, precision):
     assert result.labels.dtype == np.uint8 and result.confidence.dtype == np.float32
     assert 0 < result.timings["model"] <= result.timings["total"]
     assert agreement(gpu, make_segmenter(), photos) > 0.9
+
+
+def test_overlay_and_colorize_take_strided_views():
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, (20, 60)).astype(np.uint8)[:, ::2]  # a strided view
+    rgb = bgr[:, :, ::-1]  # negative strides, as a BGR->RGB view
+    out = overlay(rgb, labels, palette(3), alpha=0.5)
+    expected = overlay(rgb.copy(), labels.copy(), palette(3), alpha=0.5)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(colorize(labels, palette(3)), palette(3)[labels])
