@@ -31,7 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..bench import OtherCpuUse, format_machine, machine_info
+from ..bench import OtherCpuUse, format_machine, machine_info, percentile
 from ..engine import Segmenter, SegmenterConfig
 from ..engine.config import parameter_fields
 from ..engine.segmenter import load_backbone
@@ -66,11 +66,10 @@ def _frames(size: tuple[int, int], count: int) -> list[np.ndarray]:
 def _stats(samples: list[float]) -> dict[str, float]:
     if not samples:
         return {"p50": float("nan"), "p95": float("nan"), "mean": float("nan")}
-    ordered = sorted(samples)
     return {
-        "p50": statistics.median(ordered),
-        "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
-        "mean": statistics.fmean(ordered),
+        "p50": statistics.median(samples),
+        "p95": percentile(samples, 95),
+        "mean": statistics.fmean(samples),
     }
 
 
