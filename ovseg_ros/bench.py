@@ -43,7 +43,7 @@ import torch
 
 from .engine import Segmenter, SegmenterConfig
 from .engine.backbone import resolve_device, resolve_dtype
-from .engine.inference import pad_to_multiple, resize, slide_logits, upsample_bilinear
+from .engine.inference import dense_maps, resize
 from .engine.templates import get_templates
 from .engine.text import TextEncoder, build_vocabulary
 
@@ -631,15 +631,14 @@ def step_breakdown(
     """Time each step of one frame the way the node runs it, with the functions it calls.
 
     Engine steps (Segmenter.segment): the upload (HostStaging) + resize, backbone.normalize,
-    method.logits (the ViT), the upsampling of the patch logits to the model's input scale
-    (upsample_bilinear, as whole_logits), then Segmenter._labels (class probabilities, upsample to
-    the frame, background, thresholds, argmax) and Segmenter._download (device->host copy with the
-    per-class statistics). Node steps (node._process): decoding the rgb8 Image
-    (codec.image_to_rgb), confidence to 8 bits (viz.confidence_u8), one mask per class
+    method.logits on the whole input or every crop (inference.dense_maps: the ViT), then
+    Segmenter._labels (labeling.label_pixels: the logits upsampled to the input and to the frame,
+    the softmax over queries, background, thresholds, argmax) and Segmenter._download
+    (device->host copy with the per-class statistics). Node steps (node._process): decoding the
+    rgb8 Image (codec.image_to_rgb), confidence to 8 bits (viz.confidence_u8), one mask per class
     (viz.class_mask), the overlay with its legend (viz.overlay) and the output messages (labels,
     confidence, overlay, masks). The frame is a sample photo resized to `size`; each step's figure
-    is the median of `repeats` frames after one untimed one. In slide mode the ViT step is
-    slide_logits (crops, their upsampling and the merge).
+    is the median of `repeats` frames after one untimed one.
     """
     from . import viz
 
@@ -659,10 +658,10 @@ def step_breakdown(
     n = vocab.num_classes
     colors = viz.class_colors(max(n, 1))
 
-    def to_host(labels: torch.Tensor, conf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def to_host(pixels: Any) -> tuple[np.ndarray, np.ndarray]:
         # As Segmenter.segment after _labels: download with the per-class sums, then the
         # fractions and mean scores.
-        labels_np, conf_np, counts, sums = segmenter._download(labels, conf, vocab)
+        labels_np, conf_np, counts, sums = segmenter._download(pixels, vocab)
         _ = (counts / labels_np.size).astype(np.float32)
         _ = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
         return labels_np, conf_np
@@ -681,38 +680,26 @@ def step_breakdown(
         frame = rgb
         if msg is not None:
             frame = timed("decode Image (codec.image_to_rgb)", lambda: image_to_rgb(msg))
+        patch = backbone.patch_size if cfg.mode == "whole" else 0
         image = timed(
             "to tensor + resize",
-            lambda: resize(segmenter._staging.upload(frame, device), cfg.short_side),
+            lambda: resize(segmenter._staging.upload(frame, device), cfg.short_side, patch),
             True,
         )
         normed = timed("normalise", lambda: backbone.normalize(image), True)
-        if cfg.mode == "slide":
-            logits = timed(
-                VIT_STEP,
-                lambda: slide_logits(
-                    method, backbone, normed, vocab, cfg.crop, cfg.stride, cfg.max_batch
-                ),
-                True,
-            )
-        else:
-            padded = pad_to_multiple(normed, backbone.patch_size)
-            patch = timed(VIT_STEP, lambda: method.logits(backbone, padded, vocab), True)
-            h, w = normed.shape[-2:]
-            logits = timed(
-                "upsample logits to the model input",
-                lambda: upsample_bilinear(patch, padded.shape[-2:])[0, :, :h, :w],
-                True,
-            )
-        labels_t, conf_t = timed(
-            "labels: probabilities, upsample, argmax, thresholds (Segmenter._labels)",
-            lambda: segmenter._labels(logits, image, vocab, cfg, frame.shape[:2]),
+        maps = timed(
+            VIT_STEP,
+            lambda: dense_maps(
+                method, backbone, normed, vocab, cfg.mode, cfg.crop, cfg.stride, cfg.max_batch
+            ),
             True,
         )
-
-        labels, conf = timed(
-            "device->host copy + per-class stats", lambda: to_host(labels_t, conf_t)
+        pixels = timed(
+            "labels: upsample, softmax, argmax, thresholds (Segmenter._labels)",
+            lambda: segmenter._labels(maps, image, cfg, frame.shape[:2]),
+            True,
         )
+        labels, conf = timed("device->host copy + per-class stats", lambda: to_host(pixels))
         conf8 = timed("confidence to 8 bits", lambda: viz.confidence_u8(conf))
         masks = timed(
             f"masks ({n}, one per class)", lambda: [viz.class_mask(labels, c) for c in range(n)]

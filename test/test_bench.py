@@ -132,7 +132,6 @@ def test_step_breakdown_lists_every_step_and_shares_sum_to_one(make_segmenter):
         "to tensor + resize",
         "normalise",
         "ViT",
-        "upsample logits",
         "labels",
         "device->host",
         "confidence",
@@ -149,7 +148,7 @@ def test_step_breakdown_lists_every_step_and_shares_sum_to_one(make_segmenter):
     assert 0 < b.outside_vit_share < 1 and b.segment_ms > 0
     assert "masks (11, one per class)" in names  # the default vocabulary
     slide = step_breakdown(seg, (60, 80), repeats=1, mode="slide")
-    assert "upsample logits to the model input" not in slide.steps  # part of slide_logits
+    assert list(slide.steps) == names  # the same steps: the crops are part of the ViT step
     assert slide.mode == "slide"
     text = bench.format_steps(b)
     assert "Outside the ViT" in text and "< 10% target" in text

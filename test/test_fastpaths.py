@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import TINY_CONFIG
 
 from ovseg_ros.engine import Segmenter, SegmenterConfig, build_backbone
-from ovseg_ros.engine.inference import HostStaging, to_tensor, upsample_bilinear
-from ovseg_ros.engine.refine import class_probabilities
+from ovseg_ros.engine.inference import HostStaging, to_tensor
+from ovseg_ros.engine.labeling import upsample_bilinear
 from ovseg_ros.samples import sample_images
 from ovseg_ros.viz import class_mask, colorize, confidence_u8, overlay, palette
 
@@ -170,21 +170,6 @@ def test_upsample_bilinear_matches_interpolate(shape, size):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     expected = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     torch.testing.assert_close(upsample_bilinear(x, size), expected, atol=1e-5, rtol=1e-5)
-
-
-def test_grouped_probabilities_match_the_scatter_path():
-    logits = torch.randn(7, 5, 6, generator=torch.Generator().manual_seed(1))
-    query_class = torch.tensor([0, 1, 1, 1, 2, 3, 3])
-    sizes = (1, 3, 1, 2)
-    torch.testing.assert_close(
-        class_probabilities(logits, query_class, 4, sizes),
-        class_probabilities(logits, query_class, 4),
-    )
-    one_each = torch.arange(7)
-    torch.testing.assert_close(
-        class_probabilities(logits, one_each, 7, (1,) * 7),
-        torch.softmax(logits, dim=0),
-    )
 
 
 def test_vocabulary_group_sizes_follow_synonyms_and_background(make_segmenter):

@@ -1,8 +1,9 @@
 """Image -> labels: whole vs slide, windows, input formats, thresholds, background, Result.
 
-Expected labels are recomputed here from `Segmenter.dense_logits` with plain torch ops (softmax
-over queries, max over a class's queries, argmax), so the post-processing rules are checked
-independently of the engine's own implementation.
+Expected labels are recomputed here from `Segmenter.dense_logits` with plain torch ops in the
+official codes' order (logits upsampled bilinearly to the frame, softmax over queries, max over a
+class's queries, argmax), so the post-processing rules are checked independently of the engine's
+own, chunked implementation (labeling.py).
 """
 
 import json
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ovseg_ros.engine.inference import resized_shape, window_starts
-from ovseg_ros.engine.refine import suppress_small_classes
+from ovseg_ros.engine.inference import MAX_TOKENS, dense_maps, resized_shape, window_starts
+from ovseg_ros.engine.labeling import label_pixels
 
 
 def random_image(height, width, seed=0):
@@ -20,12 +21,30 @@ def random_image(height, width, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def manual_labels(logits, vocab, prob_threshold=0.0):
-    """Labels and confidence from (Q, H, W) logits: softmax, max over synonyms, argmax, rules."""
-    prob = torch.softmax(logits.float(), dim=0)
+def class_probabilities(logits, vocab, size=None):
+    """(groups, H, W): logits bilinearly to `size`, softmax over queries, max over each group."""
+    logits = logits.float()
+    if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+        logits = torch.nn.functional.interpolate(
+            logits[None], size=size, mode="bilinear", align_corners=False
+        )[0]
+    prob = torch.softmax(logits, dim=0)
     groups = vocab.num_classes + (1 if vocab.background_words else 0)
-    per_group = torch.stack([prob[vocab.query_class == g].max(dim=0).values for g in range(groups)])
-    confidence, labels = per_group.max(dim=0)
+    return torch.stack([prob[vocab.query_class == g].max(dim=0).values for g in range(groups)])
+
+
+def suppress_small_classes(prob, num_classes, area_threshold):
+    """SCLIP's area threshold: zero classes covering <= area_threshold of the labelled pixels."""
+    winner = prob.argmax(dim=0)
+    counts = torch.stack([(winner == c).sum() for c in range(num_classes)]).float()
+    out = prob.clone()
+    out[:num_classes][counts <= area_threshold * counts.sum()] = 0
+    return out
+
+
+def manual_labels(logits, vocab, prob_threshold=0.0, size=None):
+    """Labels and confidence from (Q, H, W) logits: softmax, max over synonyms, argmax, rules."""
+    confidence, labels = class_probabilities(logits, vocab, size).max(dim=0)
     unlabeled = (labels >= vocab.num_classes) | (confidence < prob_threshold)
     labels = torch.where(unlabeled, torch.full_like(labels, vocab.unlabeled), labels)
     return labels.numpy(), confidence.numpy()
@@ -97,6 +116,53 @@ def test_resized_shape_caps_the_long_side():
     assert resized_shape(7, 501, 336) == (29, 2048)
     assert resized_shape(5000, 10, 336) == (2048, 4)
     assert resized_shape(100, 100, 3000) == (3000, 3000)  # a short side above the cap wins
+
+
+@pytest.mark.parametrize(
+    "size,short", [((480, 640), 1024), ((100, 100), 3000), ((7, 501), 336), ((1080, 1920), 900)]
+)
+def test_resized_shape_holds_at_most_max_tokens_patches(size, short):
+    h, w = resized_shape(*size, short, patch=16)
+    assert -(-h // 16) * -(-w // 16) <= MAX_TOKENS
+    assert abs(h / w - size[0] / size[1]) < 0.02 * max(1, size[0] / size[1])  # aspect kept
+    unbounded = resized_shape(*size, short)
+    assert (h, w) == unbounded or h * w < unbounded[0] * unbounded[1]
+    assert resized_shape(480, 640, 336, patch=16) == (336, 448)  # the usual case is untouched
+
+
+def test_a_whole_pass_never_exceeds_max_tokens(make_segmenter, monkeypatch):
+    # A 4:3 frame at short side 1024 would be 64 x 86 = 5504 patches in one pass.
+    seg = make_segmenter(short_side=1024, mode="whole")
+    seen = []
+    original = seg.method.logits
+
+    def spy(backbone, images, vocab):
+        seen.append(tuple(images.shape))
+        return original(backbone, images, vocab)
+
+    monkeypatch.setattr(seg.method, "logits", spy)
+    result = seg.segment(random_image(48, 64))
+    assert result.labels.shape == (48, 64)
+    ((_, _, h, w),) = seen
+    assert (h // 16) * (w // 16) <= MAX_TOKENS
+
+
+def test_slide_batches_hold_at_most_max_tokens(tiny_backbone, make_segmenter):
+    seg = make_segmenter()
+    image = torch.zeros(1, 3, 640, 640)
+    seen = []
+
+    class Spy:
+        has_pixel_step = False
+
+        def logits(self, backbone, images, vocab):
+            seen.append(images.shape[0] * (images.shape[-2] // 16) * (images.shape[-1] // 16))
+            return torch.zeros(images.shape[0], 1, images.shape[-2] // 16, images.shape[-1] // 16)
+
+    maps = dense_maps(Spy(), tiny_backbone, image, seg.vocabulary, "slide", 512, 64, 64)
+    # 9 crops of 32 x 32 = 1024 patches: 4 per batch (16 asked for), not 9 at once.
+    assert maps.grids.shape[0] == 9 and seen == [4096, 4096, 1024]
+    assert max(seen) <= MAX_TOKENS
 
 
 # --- shapes and input formats ---------------------------------------------------------------
@@ -185,6 +251,46 @@ def test_labels_follow_the_logits(make_segmenter):
     assert (result.labels != 255).all()
 
 
+def test_labels_are_taken_at_the_frame_size_after_upsampling_the_logits(make_segmenter):
+    # Official order: logits -> bilinear to the frame -> softmax -> argmax (not softmax first).
+    seg = make_segmenter(vocabulary=["cat; kitten", "dog", "car"], background_words=["sky"])
+    seg.update(short_side=32)
+    image = random_image(45, 70, seed=11)
+    logits, vocab = seg.dense_logits(image)
+    assert logits.shape[1:] == (32, 50)
+    labels, confidence = manual_labels(logits, vocab, size=(45, 70))
+    result = seg.segment(image)
+    np.testing.assert_array_equal(result.labels, labels)
+    np.testing.assert_allclose(result.confidence, confidence, atol=1e-6)
+
+
+@pytest.mark.parametrize("area", [0.0, 0.2])
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_chunked_labelling_equals_one_pass(make_segmenter, tiny_backbone, mode, area):
+    # 40 classes with synonyms and background words, labelled 1, 3 or all queries at a time.
+    vocabulary = [f"thing {i}; item {i}" if i % 3 == 0 else f"thing {i}" for i in range(40)]
+    seg = make_segmenter(vocabulary=vocabulary, background_words=["sky", "wall"], short_side=32)
+    image = seg.backbone.normalize(
+        torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    )
+    maps = dense_maps(seg.method, tiny_backbone, image, seg.vocabulary, mode, 32, 16, 4)
+    per_query = 4 * (2 * 32 * 48 + 2 * 60 * 90)
+    outs = [
+        label_pixels(maps, (60, 90), area_threshold=area, chunk_bytes=per_query * q)
+        for q in (1, 3, 10_000)
+    ]
+    for out in outs[:2]:
+        torch.testing.assert_close(out.labels, outs[2].labels, atol=0, rtol=0)
+        torch.testing.assert_close(out.confidence, outs[2].confidence, atol=1e-6, rtol=1e-5)
+    prob = class_probabilities(maps.at_input(), seg.vocabulary, (60, 90))
+    if area:
+        prob = suppress_small_classes(prob, 40, area)
+    confidence, labels = prob.max(dim=0)
+    labels[(labels >= 40) | (confidence <= 0)] = 255
+    torch.testing.assert_close(outs[0].labels, labels.to(torch.int32), atol=0, rtol=0)
+    torch.testing.assert_close(outs[0].confidence, confidence, atol=1e-6, rtol=1e-5)
+
+
 def test_background_words_become_unlabeled(make_segmenter):
     seg = make_segmenter(vocabulary=["cat", "dog"], short_side=40)  # 26 default background words
     image = random_image(40, 56, seed=3)
@@ -213,24 +319,6 @@ def test_prob_threshold(make_segmenter):
     assert (seg.segment(image).labels == 255).all()
 
 
-def test_suppress_small_classes_on_a_hand_made_map():
-    # 3 classes + background on 10 pixels: winners 0 x4, 1 x3, 2 x1, background x2.
-    winners = [0, 0, 0, 0, 1, 1, 1, 2, 3, 3]
-    prob = torch.full((4, 1, 10), 0.1)
-    for i, w in enumerate(winners):
-        prob[w, 0, i] = 0.7
-    prob[1, 0, 7] = 0.5  # pixel 7: class 2 first, class 1 second
-    out = suppress_small_classes(prob, num_classes=3, area_threshold=0.2)
-    # Foreground = 8 pixels; class 2 covers 1/8 < 0.2 and is zeroed; others and background kept.
-    expected = prob.clone()
-    expected[2] = 0
-    torch.testing.assert_close(out, expected)
-    assert out.argmax(dim=0)[0, 7] == 1
-    assert suppress_small_classes(prob, 3, 0.0) is prob
-    # 0.375 of the foreground (class 1) is not more than 0.375: suppressed too.
-    assert torch.all(suppress_small_classes(prob, 3, 0.375)[1] == 0)
-
-
 def test_area_threshold_in_the_segmenter(make_segmenter):
     seg = make_segmenter(vocabulary=["cat", "dog", "car", "bus"], background_words=[])
     seg.update(short_side=40)
@@ -243,8 +331,7 @@ def test_area_threshold_in_the_segmenter(make_segmenter):
     seg.update(area_threshold=threshold)
     result = seg.segment(image)
 
-    prob = torch.softmax(logits, dim=0)
-    prob = suppress_small_classes(prob, vocab.num_classes, threshold)
+    prob = suppress_small_classes(class_probabilities(logits, vocab), vocab.num_classes, threshold)
     expected = prob.argmax(dim=0).numpy()
     np.testing.assert_array_equal(result.labels, expected)
     smallest = int(np.argmin(np.where(base.fractions > 0, base.fractions, np.inf)))
@@ -289,3 +376,17 @@ def test_segmentation_is_deterministic(make_segmenter):
     first, second = seg.segment(image), seg.segment(image)
     np.testing.assert_array_equal(first.labels, second.labels)
     np.testing.assert_array_equal(first.confidence, second.confidence)
+
+
+@pytest.mark.parametrize("area", [0.0, 0.3])
+def test_labelling_leaves_the_method_maps_as_they_were(make_segmenter, tiny_backbone, area):
+    # At short side = frame size nothing is resampled: the labelling works on a copy.
+    seg = make_segmenter(vocabulary=["cat", "dog", "car"], background_words=[], short_side=32)
+    image = seg.backbone.normalize(torch.rand(1, 3, 32, 32, generator=torch.Generator()))
+    maps = dense_maps(seg.method, tiny_backbone, image, seg.vocabulary, "whole")
+    maps.grids = torch.randn(1, 3, 32, 32)  # grids at the frame's size already
+    before = maps.grids.clone()
+    first = label_pixels(maps, (32, 32), area_threshold=area)
+    torch.testing.assert_close(maps.grids, before, atol=0, rtol=0)
+    again = label_pixels(maps, (32, 32), area_threshold=area)
+    torch.testing.assert_close(first.labels, again.labels, atol=0, rtol=0)

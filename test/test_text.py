@@ -6,6 +6,7 @@ against open_clip's own `encode_text` on the tiny model and on the real ViT-B/16
 """
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +15,16 @@ import torch.nn.functional as F
 from conftest import build_tiny
 
 from ovseg_ros.engine import Vocabulary, parse_vocabulary
-from ovseg_ros.engine.refine import class_probabilities
+from ovseg_ros.engine.labeling import DenseMaps, label_pixels
 from ovseg_ros.engine.templates import IMAGENET80, SEVEN, SINGLE, get_templates
-from ovseg_ros.engine.text import MAX_NAME_CHARS, TextEncoder, parse_background
+from ovseg_ros.engine.text import (
+    MAX_CLASSES,
+    MAX_NAME_CHARS,
+    MAX_QUERIES,
+    TextEncoder,
+    excerpt,
+    parse_background,
+)
 
 PROMPTS = [
     "a photo of a cat.",
@@ -129,6 +137,41 @@ def test_fingerprint_depends_on_weights(tiny_backbone):
     assert make_encoder(tiny_backbone).fingerprint == make_encoder(tiny_backbone).fingerprint
 
 
+def test_fingerprint_depends_on_the_activation():
+    # The same weights under GELU and QuickGELU embed differently: their caches must not mix.
+    from open_clip.transformer import QuickGELU
+
+    quick, plain = build_tiny(seed=3), build_tiny(seed=3)  # ovseg-tiny is QuickGELU
+    for module in list(plain.model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, QuickGELU):
+                setattr(module, name, torch.nn.GELU())
+    assert make_encoder(plain).fingerprint != make_encoder(quick).fingerprint
+
+
+def test_memory_cache_is_bounded_and_least_recently_used_goes_first(tiny_backbone):
+    encoder = make_encoder(tiny_backbone)
+    one = encoder.encode(["q0"], "single")
+    per_query = one.numel() * one.element_size()
+    encoder.memory_limit = 10 * per_query
+    for i in range(1, 50):  # 49 more vocabularies of one new query each
+        encoder.encode([f"q{i}"] + (["q1"] if i > 1 else []), "single")  # q1 kept in use
+    assert encoder.memory_bytes <= encoder.memory_limit
+    calls = encoder.model_calls
+    encoder.encode(["q1", "q49"], "single")  # recently used: still cached
+    assert encoder.model_calls == calls
+    encoder.encode(["q2"], "single")  # least recently used: dropped, encoded again
+    assert encoder.model_calls == calls + 1
+
+
+def test_memory_cache_stays_flat_over_a_thousand_vocabularies(tiny_backbone):
+    encoder = make_encoder(tiny_backbone)
+    encoder.memory_limit = 64 * 2**10
+    for i in range(1000):
+        encoder.encode([f"class {i} a", f"class {i} b"], "single")
+    assert encoder.memory_bytes <= 64 * 2**10
+
+
 # --- templates ------------------------------------------------------------------------------
 
 
@@ -185,7 +228,7 @@ def test_repeated_synonym_within_a_class_is_kept_once():
         (["cat;"], "empty synonym"),
         (["cat", "Dog", "dog"], "duplicate name 'dog'.* 1 and 2"),
         (["cat; kitty", "KITTY"], "duplicate name 'KITTY'.* 0 and 1"),
-        (["x" * (MAX_NAME_CHARS + 1)], f"limit is {MAX_NAME_CHARS}"),
+        (["x" * (MAX_NAME_CHARS + 1)], f"limit of {MAX_NAME_CHARS}"),
         (["cat", 3], "entry 1 is int, not a string"),
         ([None], "entry 0 is NoneType"),
     ],
@@ -213,13 +256,27 @@ def test_parse_background_rejects(words, message):
 # --- class scores ---------------------------------------------------------------------------
 
 
+def pixel_outcome(logits, query_class, num_classes, background=False):
+    """label_pixels on hand-made (Q, H, W) logits of a vocabulary with that query layout."""
+    vocab = SimpleNamespace(
+        query_class=query_class,
+        num_classes=num_classes,
+        unlabeled=255,
+        background_words=("sky",) if background else (),
+    )
+    method = SimpleNamespace(has_pixel_step=False)
+    h, w = logits.shape[-2:]
+    maps = DenseMaps(logits[None], [(0, 0)], (h, w), (h, w), (h, w), method, vocab)
+    return label_pixels(maps, (h, w))
+
+
 def test_class_probability_is_max_over_synonyms():
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(6, 3, 4, generator=g) * 3
     query_class = torch.tensor([0, 0, 1, 2, 2, 3])  # 3 classes with synonyms, 1 background word
-    prob = class_probabilities(logits, query_class, 4)
+    out = pixel_outcome(logits, query_class, 3, background=True)
     softmax = torch.softmax(logits, dim=0)
-    expected = torch.stack(
+    per_class = torch.stack(
         [
             torch.maximum(softmax[0], softmax[1]),
             softmax[2],
@@ -227,14 +284,18 @@ def test_class_probability_is_max_over_synonyms():
             softmax[5],
         ]
     )
-    torch.testing.assert_close(prob, expected, atol=0, rtol=0)
+    confidence, labels = per_class.max(dim=0)
+    labels[labels == 3] = 255  # the background word won
+    torch.testing.assert_close(out.confidence, confidence, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.labels, labels.to(torch.int32), atol=0, rtol=0)
 
 
 def test_class_probability_without_synonyms_is_the_softmax():
     logits = torch.randn(3, 2, 2)
-    torch.testing.assert_close(
-        class_probabilities(logits, torch.arange(3), 3), torch.softmax(logits, dim=0)
-    )
+    out = pixel_outcome(logits, torch.arange(3), 3)
+    confidence, labels = torch.softmax(logits, dim=0).max(dim=0)
+    torch.testing.assert_close(out.confidence, confidence, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.labels, labels.to(torch.int32), atol=0, rtol=0)
 
 
 # --- vocabulary in a Segmenter --------------------------------------------------------------
@@ -317,3 +378,32 @@ def test_more_than_255_classes_use_uint16(make_segmenter):
     assert valid.all()
     seg.update(prob_threshold=1.0)
     assert (seg.segment(image).labels == 65535).all()
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+
+def test_vocabulary_size_is_limited_with_the_reason():
+    assert len(parse_vocabulary([f"c{i}" for i in range(MAX_CLASSES)])) == MAX_CLASSES
+    with pytest.raises(ValueError, match=f"limit is {MAX_CLASSES}"):
+        parse_vocabulary([f"c{i}" for i in range(MAX_CLASSES + 1)])
+    many_synonyms = [";".join(f"c{i}s{j}" for j in range(3)) for i in range(MAX_QUERIES // 3 + 1)]
+    with pytest.raises(ValueError, match=f"more than {MAX_QUERIES}"):
+        parse_vocabulary(many_synonyms)
+    with pytest.raises(ValueError, match=str(MAX_QUERIES)):
+        parse_background([f"w{i}" for i in range(MAX_QUERIES)], parse_vocabulary(["cat"]))
+
+
+@pytest.mark.parametrize(
+    "entries", [["door", "x" * 200_000], ["door", ";" + "y" * 200_000], ["y" * 200_000, "Y" * 5]]
+)
+def test_rejections_never_echo_a_huge_entry(entries):
+    with pytest.raises(ValueError) as err:
+        parse_vocabulary(entries + [entries[-1]])
+    assert len(str(err.value)) < 200
+
+
+def test_excerpt_cuts_and_says_how_long():
+    assert excerpt("door") == "'door'"
+    cut = excerpt("z" * 1000, 10)
+    assert cut.startswith("'zzzzzzzzzz'...") and "1000 characters" in cut

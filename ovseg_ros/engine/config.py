@@ -58,6 +58,10 @@ REFINERS = ("none", "pamr")
 MODES = ("whole", "slide")
 QUANTIZE = ("none", "int8")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+_TOKENS_WHY = (
+    "beyond 1024 pixels one ViT pass would see more than 4096 patches, and its attention "
+    "memory grows with their square"
+)
 
 
 def _opt(
@@ -67,9 +71,21 @@ def _opt(
     lo: float | None = None,
     hi: float | None = None,
     runtime: bool = False,
+    why: str = "",
 ) -> dict[str, Any]:
-    """Field metadata: dotted parameter name, description, allowed values, run-time changeable."""
-    return {"key": key, "help": help, "choices": choices, "lo": lo, "hi": hi, "runtime": runtime}
+    """Field metadata: dotted parameter name, description, allowed values, run-time changeable.
+
+    `why` explains the range in the error a value outside it gets.
+    """
+    return {
+        "key": key,
+        "help": help,
+        "choices": choices,
+        "lo": lo,
+        "hi": hi,
+        "runtime": runtime,
+        "why": why,
+    }
 
 
 @dataclass
@@ -201,9 +217,11 @@ class SegmenterConfig:
         metadata=_opt(
             "input.short_side",
             "the image is resized (aspect kept) so its short side is this many "
-            "pixels before inference",
+            "pixels before inference; at most 1024: one ViT pass sees at most 4096 patches "
+            "(a whole-image pass beyond that is shrunk to fit)",
             lo=16,
-            hi=4096,
+            hi=1024,
+            why=_TOKENS_WHY,
             runtime=True,
         ),
     )
@@ -219,7 +237,12 @@ class SegmenterConfig:
     crop: int = field(
         default=224,
         metadata=_opt(
-            "inference.crop", "slide window size in pixels", lo=16, hi=4096, runtime=True
+            "inference.crop",
+            "slide window size in pixels; at most 1024 (4096 patches at patch 16)",
+            lo=16,
+            hi=1024,
+            runtime=True,
+            why=_TOKENS_WHY,
         ),
     )
     stride: int = field(
@@ -257,6 +280,9 @@ class SegmenterConfig:
             )
         if not isinstance(self.method_params, dict):
             raise ValueError("method_params must be a mapping of name -> value")
+        from .methods import make_params
+
+        make_params(self.method, self.method_params)  # unknown method or hyper-parameter
         return self
 
     def replace(self, **changes: Any) -> SegmenterConfig:
@@ -290,7 +316,8 @@ def check_fields(obj: Any) -> None:
         if meta["choices"] and value not in meta["choices"]:
             raise ValueError(f"{key} must be one of {list(meta['choices'])}, got {value!r}")
         if meta["lo"] is not None and not (meta["lo"] <= value <= meta["hi"]):
-            raise ValueError(f"{key} must be in [{meta['lo']}, {meta['hi']}], got {value!r}")
+            why = f" ({meta['why']})" if meta.get("why") else ""
+            raise ValueError(f"{key} must be in [{meta['lo']}, {meta['hi']}], got {value!r}{why}")
 
 
 def parameter_fields() -> list[dataclasses.Field]:

@@ -1,8 +1,7 @@
-"""Image -> per-query logits: resize, whole-image or sliding-window passes, batched crops."""
+"""Image -> per-query method maps: upload, resize, whole-image or sliding-window passes."""
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone
+from .labeling import DenseMaps
 from .methods import Method
 from .text import Vocabulary
 
@@ -65,59 +65,47 @@ class HostStaging:
 #: so that a very elongated image cannot turn into tens of thousands of tokens.
 MAX_LONG_SIDE = 2048
 
+#: Most patches one ViT pass may see: a whole-image pass is resized to fit (1024 x 1024 at patch
+#: 16), and crops are batched so that a batch holds at most this many. Attention is quadratic in
+#: the token count: 4096 tokens are 0.8 GB of fp32 attention weights per block for ViT-B/16.
+MAX_TOKENS = 4096
 
-def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """(H', W'): short side = short_side, aspect kept, long side at most max(2048, short_side)."""
+
+def _tokens(height: int, width: int, patch: int) -> int:
+    """Patches of a height x width input padded to a multiple of the patch."""
+    return math.ceil(height / patch) * math.ceil(width / patch)
+
+
+def resized_shape(
+    height: int, width: int, short_side: int, patch: int = 0, max_tokens: int = MAX_TOKENS
+) -> tuple[int, int]:
+    """(H', W'): short side = short_side, aspect kept, long side at most max(2048, short_side).
+
+    With a patch size, the result is also shrunk (aspect kept) until it holds at most max_tokens
+    patches: the limit of a whole-image pass.
+    """
     long_cap = max(MAX_LONG_SIDE, short_side)
     scale = min(short_side / min(height, width), long_cap / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    size = max(1, round(height * scale)), max(1, round(width * scale))
+    if patch and _tokens(*size, patch) > max_tokens:
+        shrink = math.sqrt(max_tokens * patch * patch / (size[0] * size[1]))
+        while True:
+            fitted = max(1, math.floor(size[0] * shrink)), max(1, math.floor(size[1] * shrink))
+            if _tokens(*fitted, patch) <= max_tokens:
+                return fitted
+            shrink *= 0.995
+    return size
 
 
-def resize(image: torch.Tensor, short_side: int) -> torch.Tensor:
-    """Bilinear resize (antialiased when shrinking) so the short side is short_side."""
+def resize(image: torch.Tensor, short_side: int, patch: int = 0) -> torch.Tensor:
+    """Bilinear resize (antialiased when shrinking) to resized_shape (token cap with a patch)."""
     h, w = image.shape[-2:]
-    size = resized_shape(h, w, short_side)
+    size = resized_shape(h, w, short_side, patch)
     if size == (h, w):
         return image
     return F.interpolate(
         image, size=size, mode="bilinear", align_corners=False, antialias=size[0] < h
     )
-
-
-#: Largest input (h * w) that upsample_bilinear enlarges with matrix products: patch grids.
-_MATMUL_UPSAMPLE_MAX_INPUT = 4096
-
-
-@functools.lru_cache(maxsize=64)
-def _linear_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
-    """(n_out, n_in) matrix of 1-D linear interpolation (align_corners=False), as F.interpolate.
-
-    Built by interpolating unit impulses, so the weights are exactly those torch uses.
-    """
-    # Normal (not inference-mode) tensors: the cache outlives the inference_mode call that fills it.
-    with torch.inference_mode(False):
-        impulses = torch.eye(n_in, device=device, dtype=torch.float32).unsqueeze(1)
-        weights = F.interpolate(impulses, size=n_out, mode="linear", align_corners=False)
-        return weights[:, 0].T.contiguous()
-
-
-def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling (align_corners=False) of (B, C, h, w) float maps to size (H, W).
-
-    Bilinear interpolation is separable, so enlarging a small patch grid is two small matrix
-    products, Ry @ x @ Rx^T: about 4x faster than F.interpolate on the CPU for the 40-odd query
-    channels of a 640x480 frame, and the same numbers (to float rounding). Shrinking, and large
-    inputs (where the dense matrices cost more than they save), use F.interpolate.
-    """
-    h, w = x.shape[-2:]
-    out_h, out_w = size
-    if (h, w) == (out_h, out_w):
-        return x
-    if out_h < h or out_w < w or h * w > _MATMUL_UPSAMPLE_MAX_INPUT:
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    ry = _linear_weights(h, out_h, x.device).to(x.dtype)
-    rx = _linear_weights(w, out_w, x.device).to(x.dtype)
-    return torch.matmul(ry, torch.matmul(x, rx.T))
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -127,18 +115,17 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
 
-def _crop_logits(
+def _method_grids(
     method: Method, backbone: Backbone, crops: torch.Tensor, vocab: Vocabulary, max_batch: int
 ) -> torch.Tensor:
-    """Logits upsampled to the crop size for a (N, 3, h, w) batch of normalised crops."""
-    h, w = crops.shape[-2:]
-    padded = pad_to_multiple(crops, backbone.patch_size)
-    outs = []
-    for start in range(0, crops.shape[0], max_batch):
-        logits = method.logits(backbone, padded[start : start + max_batch], vocab)
-        logits = upsample_bilinear(logits, padded.shape[-2:])
-        outs.append(logits[..., :h, :w])
-    return torch.cat(outs)
+    """(N, Q, h, w) method outputs of padded (N, 3, H, W) crops, in batches within MAX_TOKENS."""
+    per_crop = _tokens(crops.shape[-2], crops.shape[-1], backbone.patch_size)
+    batch = max(1, min(max_batch, MAX_TOKENS // per_crop))
+    outs = [
+        method.logits(backbone, crops[start : start + batch], vocab)
+        for start in range(0, crops.shape[0], batch)
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
@@ -149,31 +136,36 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
     return sorted({min(i * stride, size - crop) for i in range(count)})
 
 
-def whole_logits(
-    method: Method, backbone: Backbone, image: torch.Tensor, vocab: Vocabulary
-) -> torch.Tensor:
-    """(Q, H, W) logits from one pass over the whole normalised (1, 3, H, W) image."""
-    return _crop_logits(method, backbone, image, vocab, 1)[0]
-
-
-def slide_logits(
+def dense_maps(
     method: Method,
     backbone: Backbone,
     image: torch.Tensor,
     vocab: Vocabulary,
-    crop: int,
-    stride: int,
-    max_batch: int,
-) -> torch.Tensor:
-    """(Q, H, W) logits averaged over overlapping crops of one normalised image, crops batched."""
+    mode: str = "whole",
+    crop: int = 224,
+    stride: int = 112,
+    max_batch: int = 16,
+) -> DenseMaps:
+    """The method's outputs over one normalised (1, 3, H, W) image: one pass, or sliding crops.
+
+    Slide: windows of crop x crop pixels every `stride` (the last one aligned to the end), each
+    padded to a patch multiple; their outputs are averaged where they overlap (DenseMaps).
+    """
     _, _, h, w = image.shape
-    ch, cw = min(crop, h), min(crop, w)
-    boxes = [(y, x) for y in window_starts(h, ch, stride) for x in window_starts(w, cw, stride)]
+    if mode == "slide":
+        ch, cw = min(crop, h), min(crop, w)
+        boxes = [(y, x) for y in window_starts(h, ch, stride) for x in window_starts(w, cw, stride)]
+    else:
+        ch, cw, boxes = h, w, [(0, 0)]
     crops = torch.cat([image[..., y : y + ch, x : x + cw] for y, x in boxes])
-    logits = _crop_logits(method, backbone, crops, vocab, max_batch)
-    total = logits.new_zeros((logits.shape[1], h, w))
-    count = logits.new_zeros((1, h, w))
-    for (y, x), crop_logits in zip(boxes, logits, strict=True):
-        total[:, y : y + ch, x : x + cw] += crop_logits
-        count[:, y : y + ch, x : x + cw] += 1
-    return total / count
+    padded = pad_to_multiple(crops, backbone.patch_size)
+    grids = _method_grids(method, backbone, padded, vocab, max_batch)
+    return DenseMaps(
+        grids=grids,
+        boxes=boxes,
+        crop=(ch, cw),
+        padded=tuple(padded.shape[-2:]),
+        size=(h, w),
+        method=method,
+        vocab=vocab,
+    )

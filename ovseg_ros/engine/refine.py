@@ -1,8 +1,6 @@
-"""Post-processing of dense logits: PAMR, synonym/background reduction, thresholds."""
+"""PAMR (pixel-adaptive mask refinement), computed in memory linear in the frame's pixels."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +17,65 @@ def _offsets(dilations: tuple[int, ...]) -> list[tuple[int, int]]:
     ]
 
 
-def _neighbours(x: torch.Tensor, offsets: list[tuple[int, int]], pad: int) -> torch.Tensor:
-    """(B, C, P, H, W): x shifted by every offset, edges replicated."""
-    h, w = x.shape[-2:]
-    xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    return torch.stack(
-        [xp[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx in offsets], dim=2
-    )
+def _shifted(xp: torch.Tensor, dy: int, dx: int, pad: int, h: int, w: int) -> torch.Tensor:
+    """A view of the padded map xp moved by (dy, dx): the value of each pixel's neighbour."""
+    return xp[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+
+
+def pamr_affinity(image: torch.Tensor, dilations: tuple[int, ...] = (8, 16)) -> torch.Tensor:
+    """PAMR's (P, B, 1, H, W) neighbour weights of a (B, C, H, W) image (they sum to 1 over P).
+
+    For each pixel, its 8 neighbours at each dilation (edges replicated) get the affinity
+    softmax_j(mean_c(-|I_i - I_j| / (1e-8 + 0.1 * std_i))), std_i being the per-channel standard
+    deviation (unbiased) of the image over the pixel and all of those neighbours. The neighbours are
+    views of one padded copy, so memory is P + a few maps of H x W, not C x P of them.
+    """
+    image = image.float()
+    offsets = _offsets(dilations)
+    pad = max(dilations)
+    h, w = image.shape[-2:]
+    xp = F.pad(image, (pad, pad, pad, pad), mode="replicate")
+    count = len(offsets) + 1
+    mean = image.clone()
+    for dy, dx in offsets:
+        mean += _shifted(xp, dy, dx, pad, h, w)
+    mean /= count
+    var = (image - mean).square_()
+    for dy, dx in offsets:
+        var += (_shifted(xp, dy, dx, pad, h, w) - mean).square_()
+    denom = var.div_(count - 1).sqrt_().mul_(0.1).add_(1e-8)
+    del mean
+    b = image.shape[0]
+    affinity = torch.empty((len(offsets), b, 1, h, w), dtype=image.dtype, device=image.device)
+    for j, (dy, dx) in enumerate(offsets):
+        diff = (image - _shifted(xp, dy, dx, pad, h, w)).abs_().div_(denom)
+        affinity[j] = -diff.mean(dim=1, keepdim=True)
+    return torch.softmax(affinity, dim=0)
+
+
+def pamr_propagate(
+    logits: torch.Tensor,
+    affinity: torch.Tensor,
+    iterations: int = 10,
+    dilations: tuple[int, ...] = (8, 16),
+) -> torch.Tensor:
+    """Propagate (B, K, H, W) logits `iterations` times with pamr_affinity's weights.
+
+    Channels do not interact, so a chunk of the queries can be refined on its own.
+    """
+    if iterations <= 0:
+        return logits
+    offsets = _offsets(dilations)
+    pad = max(dilations)
+    h, w = logits.shape[-2:]
+    out = logits.float()
+    for _ in range(iterations):
+        xp = F.pad(out, (pad, pad, pad, pad), mode="replicate")
+        acc = torch.zeros_like(out)
+        for (dy, dx), weight in zip(offsets, affinity, strict=True):
+            acc.addcmul_(_shifted(xp, dy, dx, pad, h, w), weight)
+        out = acc
+    return out.to(logits.dtype)
 
 
 def pamr(
@@ -36,69 +86,8 @@ def pamr(
 ) -> torch.Tensor:
     """Pixel-adaptive mask refinement (Araslanov & Roth 2020) of (B, K, H, W) logits.
 
-    image is (B, C, H, W) at the logits' resolution. For each pixel, its 8 neighbours at each
-    dilation get the affinity softmax_j(-|I_i - I_j| / (0.1 * std_i)) averaged over channels,
-    std_i being the standard deviation of the image over the pixel and all of those neighbours;
-    the logits are then propagated `iterations` times with these affinities.
+    image is (B or 1, C, H, W) at the logits' resolution; see pamr_affinity and pamr_propagate.
     """
     if iterations <= 0:
         return logits
-    image = image.float()
-    offsets = _offsets(dilations)
-    pad = max(dilations)
-    nb = _neighbours(image, offsets, pad)  # (B, C, P, H, W)
-    std = torch.cat([image.unsqueeze(2), nb], dim=2).std(dim=2, keepdim=True)
-    affinity = -(image.unsqueeze(2) - nb).abs() / (1e-8 + 0.1 * std)
-    affinity = torch.softmax(affinity.mean(dim=1, keepdim=True), dim=2)  # (B, 1, P, H, W)
-    weights = affinity.unbind(dim=2)  # P maps of (B, 1, H, W)
-    h, w = logits.shape[-2:]
-    out = logits.float()
-    for _ in range(iterations):
-        xp = F.pad(out, (pad, pad, pad, pad), mode="replicate")
-        acc = torch.zeros_like(out)
-        for (dy, dx), wgt in zip(offsets, weights, strict=True):
-            acc.addcmul_(xp[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w], wgt)
-        out = acc
-    return out.to(logits.dtype)
-
-
-def class_probabilities(
-    logits: torch.Tensor,
-    query_class: torch.Tensor,
-    num_groups: int,
-    group_sizes: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Softmax over queries, then each class's probability = max over its queries.
-
-    logits (Q, H, W); query_class (Q,) maps a query to its group (classes, then background);
-    returns (num_groups, H, W). group_sizes (queries per group, when the queries of a group are
-    contiguous, as a Vocabulary orders them) selects a faster path without a device sync.
-    """
-    prob = torch.softmax(logits.float(), dim=0)
-    if group_sizes is not None and len(group_sizes) == num_groups:
-        if all(n == 1 for n in group_sizes):
-            return prob
-        parts, start = [], 0
-        for n in group_sizes:
-            part = prob[start] if n == 1 else prob[start : start + n].amax(dim=0)
-            parts.append(part)
-            start += n
-        return torch.stack(parts)
-    out = prob.new_zeros((num_groups,) + prob.shape[1:])
-    index = query_class.view(-1, 1, 1).expand_as(prob)
-    return out.scatter_reduce(0, index, prob, reduce="amax", include_self=True)
-
-
-def suppress_small_classes(
-    prob: torch.Tensor, num_classes: int, area_threshold: float
-) -> torch.Tensor:
-    """SCLIP's area threshold: zero classes covering < area_threshold of the labelled pixels."""
-    if area_threshold <= 0:
-        return prob
-    winner = prob.argmax(dim=0)
-    counts = torch.bincount(winner.flatten(), minlength=prob.shape[0])[:num_classes].float()
-    total = counts.sum()
-    keep = counts > area_threshold * total
-    scale = torch.ones(prob.shape[0], device=prob.device, dtype=prob.dtype)
-    scale[:num_classes] = keep.to(prob.dtype)
-    return prob * scale.view(-1, 1, 1)
+    return pamr_propagate(logits, pamr_affinity(image, dilations), iterations, dilations)

@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .backbone import Backbone, build_backbone, default_cache_root
 from .config import SegmenterConfig
-from .inference import HostStaging, resize, slide_logits, whole_logits
+from .inference import HostStaging, dense_maps, resize
+from .labeling import DenseMaps, PixelLabels, label_pixels, upsample_to
 from .methods import Method, create_method
 from .methods.base import collect_timings
-from .refine import class_probabilities, pamr, suppress_small_classes
 from .text import Progress, TextEncoder, Vocabulary, build_vocabulary
 
 
@@ -259,23 +258,27 @@ class Segmenter:
 
     def _forward(
         self, rgb: np.ndarray, cfg: SegmenterConfig, method: Method, vocab: Vocabulary
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-query logits (Q, H', W') at the resized scale, and the resized image in [0, 1]."""
-        image = resize(self._staging.upload(rgb, self.device), cfg.short_side)
+    ) -> tuple[DenseMaps, torch.Tensor]:
+        """The method's maps of one frame, and the resized image in [0, 1] (1, 3, H', W').
+
+        A whole-image pass is resized to at most inference.MAX_TOKENS patches.
+        """
+        patch = self.backbone.patch_size if cfg.mode == "whole" else 0
+        image = resize(self._staging.upload(rgb, self.device), cfg.short_side, patch)
         normed = self.backbone.normalize(image)
-        if cfg.mode == "slide":
-            logits = slide_logits(
-                method, self.backbone, normed, vocab, cfg.crop, cfg.stride, cfg.max_batch
-            )
-        else:
-            logits = whole_logits(method, self.backbone, normed, vocab)
-        return logits, image
+        maps = dense_maps(
+            method, self.backbone, normed, vocab, cfg.mode, cfg.crop, cfg.stride, cfg.max_batch
+        )
+        return maps, image
 
     @torch.inference_mode()
     def dense_logits(self, rgb: np.ndarray) -> tuple[torch.Tensor, Vocabulary]:
-        """Per-query logits (Q, H', W') at the resized scale, with the vocabulary they refer to."""
+        """Per-query logits (Q, H', W') at the model input, with the vocabulary they refer to.
+
+        Q x H' x W' floats: for inspection and tests; segment() never holds them all at once.
+        """
         with self._frame() as (cfg, method, vocab):
-            return self._forward(as_rgb(rgb), cfg, method, vocab)[0], vocab
+            return self._forward(as_rgb(rgb), cfg, method, vocab)[0].at_input(), vocab
 
     @torch.inference_mode()
     def segment(self, rgb: np.ndarray) -> Result:
@@ -292,12 +295,12 @@ class Segmenter:
         with self._frame() as (cfg, method, vocab), collect_timings() as extra:
             if events:
                 events[0].record()
-            logits, image = self._forward(rgb, cfg, method, vocab)
+            maps, image = self._forward(rgb, cfg, method, vocab)
             if events:
                 events[1].record()
             t1 = time.perf_counter()
-            labels, confidence = self._labels(logits, image, vocab, cfg, rgb.shape[:2])
-            labels_np, conf_np, counts, sums = self._download(labels, confidence, vocab)
+            pixels = self._labels(maps, image, cfg, rgb.shape[:2])
+            labels_np, conf_np, counts, sums = self._download(pixels, vocab)
         fractions = (counts / labels_np.size).astype(np.float32)
         scores = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
         t2 = time.perf_counter()
@@ -311,8 +314,22 @@ class Segmenter:
         timings.update({k: v for k, v in extra.items() if k not in timings})
         return Result(labels_np, conf_np, fractions, scores, vocab, timings)
 
+    @staticmethod
+    def _labels(
+        maps: DenseMaps, image: torch.Tensor, cfg: SegmenterConfig, size: tuple[int, int]
+    ) -> PixelLabels:
+        """Labels and confidence at the frame's size (labeling.py: chunked over the queries)."""
+        pamr_image = upsample_to(image[0], size)[None] if cfg.refine == "pamr" else None
+        return label_pixels(
+            maps,
+            size,
+            prob_threshold=cfg.prob_threshold,
+            area_threshold=cfg.area_threshold,
+            pamr_image=pamr_image,
+        )
+
     def _download(
-        self, labels: torch.Tensor, confidence: torch.Tensor, vocab: Vocabulary
+        self, pixels: PixelLabels, vocab: Vocabulary
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Labels, confidence and per-class pixel counts / confidence sums, as numpy.
 
@@ -320,6 +337,7 @@ class Segmenter:
         narrowed to uint8 there, so that the host receives 1 byte per pixel plus two short vectors
         instead of int32 maps to count over.
         """
+        labels, confidence = pixels.labels, pixels.confidence
         n = vocab.num_classes
         flat = labels.flatten()
         # The unlabeled value (255 / 65535) lands in a bin past the classes, which is cut off.
@@ -333,30 +351,3 @@ class Segmenter:
         if n > 255:
             labels_np = labels_np.astype(np.uint16)
         return labels_np, confidence.cpu().numpy(), stats[0], stats[1]
-
-    def _labels(
-        self,
-        logits: torch.Tensor,
-        image: torch.Tensor,
-        vocab: Vocabulary,
-        cfg: SegmenterConfig,
-        size: tuple[int, int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Refine, reduce synonyms, apply background rules and thresholds, upsample to size."""
-        if cfg.refine == "pamr":
-            logits = pamr(image, logits.unsqueeze(0))[0]
-        n = vocab.num_classes
-        groups = n + (1 if vocab.background_words else 0)
-        prob = class_probabilities(logits, vocab.query_class, groups, vocab.group_sizes)
-        if prob.shape[-2:] != size:
-            prob = F.interpolate(
-                prob.unsqueeze(0), size=size, mode="bilinear", align_corners=False
-            )[0]
-        prob = suppress_small_classes(prob, n, cfg.area_threshold)
-        confidence, labels = prob.max(dim=0)
-        # Background wins, or every class was suppressed by the area threshold (all zero).
-        unlabeled = (labels >= n) | (confidence <= 0)
-        if cfg.prob_threshold > 0:
-            unlabeled |= confidence < cfg.prob_threshold
-        labels = labels.to(torch.int32).masked_fill_(unlabeled, vocab.unlabeled)
-        return labels, confidence

@@ -7,6 +7,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,15 @@ log = logging.getLogger("ovseg_ros.engine")
 
 #: Longest accepted class name or synonym, in characters (CLIP's context is 77 tokens).
 MAX_NAME_CHARS = 100
+#: Most classes in one vocabulary. Label ids must fit in uint16 below the unlabeled value 65535;
+#: the limit keeps the class map messages (about 90 bytes a class) under a megabyte and the text
+#: encoding of a change within hours on a CPU (minutes on a GPU) with the 80 templates.
+MAX_CLASSES = 10_000
+#: Most queries (class names, synonyms and background words together) in one vocabulary.
+MAX_QUERIES = 20_000
+#: Bytes of text embeddings kept in memory (least recently used dropped first); the disk cache
+#: keeps everything. 64 MB hold about 32,000 ViT-B/16 embeddings (2 KB each).
+MEMORY_CACHE_BYTES = 64 * 2**20
 #: Prompts encoded per model call.
 PROMPT_BATCH = 256
 
@@ -43,37 +53,58 @@ def _clean(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def excerpt(text: object, limit: int = 40) -> str:
+    """repr() of a user-given string cut to about `limit` characters (error messages, logs)."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def parse_vocabulary(entries: Sequence[str]) -> tuple[VocabClass, ...]:
     """Validate vocabulary entries ('name; synonym; ...') and number the classes from 0."""
     if isinstance(entries, str):
         raise ValueError("vocabulary must be a list of class names, not one string")
     if not entries:
         raise ValueError("vocabulary is empty: give at least one class name")
+    if len(entries) > MAX_CLASSES:
+        raise ValueError(
+            f"vocabulary has {len(entries)} classes; the limit is {MAX_CLASSES} (label ids are "
+            "16-bit and every class is announced in the class map)"
+        )
     classes: list[VocabClass] = []
+    queries = 0
     seen: dict[str, int] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, str):
             raise ValueError(f"vocabulary entry {i} is {type(entry).__name__}, not a string")
         parts = [_clean(p) for p in entry.split(";")]
         if not parts[0]:
-            raise ValueError(f"vocabulary entry {i} ({entry!r}) has no class name")
+            raise ValueError(f"vocabulary entry {i} ({excerpt(entry)}) has no class name")
         synonyms: list[str] = []
         for part in parts:
             if not part:
-                raise ValueError(f"vocabulary entry {i} ({entry!r}) has an empty synonym")
+                raise ValueError(f"vocabulary entry {i} ({excerpt(entry)}) has an empty synonym")
             if len(part) > MAX_NAME_CHARS:
                 raise ValueError(
-                    f"vocabulary entry {i}: {part[:30]!r}... is {len(part)} characters long; "
-                    f"the limit is {MAX_NAME_CHARS}"
+                    f"vocabulary entry {i}: {excerpt(part, 30)} is longer than the limit of "
+                    f"{MAX_NAME_CHARS} characters"
                 )
             key = part.lower()
             if key in seen and seen[key] != i:
                 raise ValueError(
-                    f"duplicate name {part!r}: vocabulary entries {seen[key]} and {i} both use it"
+                    f"duplicate name {excerpt(part)}: vocabulary entries {seen[key]} and {i} "
+                    "both use it"
                 )
             if key not in seen:
                 seen[key] = i
                 synonyms.append(part)
+                queries += 1
+                if queries > MAX_QUERIES:
+                    raise ValueError(
+                        f"vocabulary has more than {MAX_QUERIES} names and synonyms in all (the "
+                        "limit); use fewer synonyms"
+                    )
         classes.append(VocabClass(id=i, name=parts[0], synonyms=tuple(synonyms)))
     return tuple(classes)
 
@@ -83,6 +114,11 @@ def parse_background(words: Sequence[str], classes: Sequence[VocabClass]) -> tup
     if isinstance(words, str):
         raise ValueError("background_words must be a list of words, not one string")
     taken = {s.lower() for c in classes for s in c.synonyms}
+    if len(words) + len(taken) > MAX_QUERIES:
+        raise ValueError(
+            f"background_words has {len(words)} words; with the vocabulary's {len(taken)} names "
+            f"that is over the limit of {MAX_QUERIES} queries"
+        )
     out: list[str] = []
     for i, word in enumerate(words):
         if not isinstance(word, str):
@@ -173,7 +209,9 @@ class TextEncoder:
         self.tower = self._text_tower(model)
         self.fingerprint = self._fingerprint(model_name)
         self.cache_dir = cache_dir / self.fingerprint if cache_dir is not None else None
-        self._memory: dict[tuple[str, str], torch.Tensor] = {}
+        self._memory: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._memory_bytes = 0
+        self.memory_limit = MEMORY_CACHE_BYTES
         self._lock = threading.Lock()
         self.model_calls = 0  # how many batches went through the text model (tests, benchmarks)
 
@@ -194,9 +232,16 @@ class TextEncoder:
         return tower
 
     def _fingerprint(self, model_name: str) -> str:
-        """Identify the text weights cheaply: name, dtype and a hash of a few weight tensors."""
+        """Identify the text weights cheaply: name, dtype, activation and a few weight tensors.
+
+        The activation matters: the same weights under GELU and QuickGELU give other embeddings.
+        """
         digest = hashlib.sha1(f"{model_name}|{self.dtype}".encode())
         tower = getattr(self.model, "text", self.model)
+        activations = sorted(
+            {type(m).__name__ for m in tower.modules() if "gelu" in type(m).__name__.lower()}
+        )
+        digest.update("|".join(activations).encode())
         for attr in ("positional_embedding", "text_projection"):
             t = getattr(tower, attr, None)
             if isinstance(t, nn.Linear):
@@ -231,6 +276,32 @@ class TextEncoder:
         if proj is not None:
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return F.normalize(x.float(), dim=-1)
+
+    def _remember(self, key: tuple[str, str], emb: torch.Tensor) -> None:
+        """Keep an embedding in memory, dropping the least recently used beyond memory_limit."""
+        size = emb.numel() * emb.element_size()
+        with self._lock:
+            old = self._memory.pop(key, None)
+            if old is not None:
+                self._memory_bytes -= old.numel() * old.element_size()
+            self._memory[key] = emb
+            self._memory_bytes += size
+            while self._memory_bytes > self.memory_limit and len(self._memory) > 1:
+                _, dropped = self._memory.popitem(last=False)
+                self._memory_bytes -= dropped.numel() * dropped.element_size()
+
+    def _recall(self, key: tuple[str, str]) -> torch.Tensor | None:
+        """An embedding from memory (marked as recently used), or None."""
+        with self._lock:
+            emb = self._memory.get(key)
+            if emb is not None:
+                self._memory.move_to_end(key)
+            return emb
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of embeddings held in memory now (at most memory_limit, or one embedding)."""
+        return self._memory_bytes
 
     def _disk_path(self, templates: str, query: str) -> Path | None:
         """Where one query's embedding lives on disk (None when the disk cache is off)."""
@@ -272,12 +343,11 @@ class TextEncoder:
         result: dict[str, torch.Tensor] = {}
         missing: list[str] = []
         for q in dict.fromkeys(queries):
-            emb = self._memory.get((templates, q))
+            emb = self._recall((templates, q))
             if emb is None:
                 emb = self._load_disk(templates, q)
                 if emb is not None:
-                    with self._lock:
-                        self._memory[(templates, q)] = emb
+                    self._remember((templates, q), emb)
             if emb is None:
                 missing.append(q)
             else:
@@ -294,8 +364,7 @@ class TextEncoder:
             embs = F.normalize(per_prompt.mean(dim=1), dim=-1)
             for q, emb in zip(missing, embs, strict=True):
                 emb = emb.clone()
-                with self._lock:
-                    self._memory[(templates, q)] = emb
+                self._remember((templates, q), emb)
                 self._store_disk(templates, q, emb)
                 result[q] = emb
         return torch.stack([result[q] for q in queries]).to(self.device)

@@ -28,6 +28,8 @@ class Method:
     name: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
     summary: ClassVar[str] = ""
+    #: Whether the engine calls pixel_logits on the upsampled maps (see there).
+    has_pixel_step: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams) -> None:
         """Keep the validated hyper-parameters."""
@@ -53,6 +55,19 @@ class Method:
 
     def logits(self, backbone: Backbone, images: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
         """(B, Q, h, w) float32 logits of normalised (B, 3, H, W) images (patch multiples)."""
+        raise NotImplementedError
+
+    def pixel_logits(
+        self, up: torch.Tensor, grid: torch.Tensor, queries: slice, vocab: Vocabulary
+    ) -> torch.Tensor:
+        """Logits from this method's outputs once upsampled (methods with has_pixel_step only).
+
+        `up` is (qc, H, W): the outputs of vocab's queries[queries], bilinearly upsampled to the
+        frame's size (whole mode) or to the crop's size (slide mode, before crops are averaged);
+        `grid` is the same queries' (qc, h, w) outputs as logits() returned them. The engine then
+        takes the softmax over queries and the argmax of the returned logits. A method whose
+        labelling needs the full-resolution map of a query (its spatial maximum, say) does it here.
+        """
         raise NotImplementedError
 
     @staticmethod
