@@ -1,20 +1,34 @@
 """Backbone: positional-embedding interpolation, the dense runner vs open_clip, devices, loading.
 
+Positional tables are checked against float64 loops of the official sampling (pos_reference.py).
 The runner is validated against open_clip itself: at the native input size, embed() must equal
 `visual._embeds` and running every block then ln_post[CLS] @ proj must equal `encode_image`.
-Checkpoint tests save the tiny model in each supported format and reload it.
+Checkpoint tests save the tiny model in each supported format and reload it; weights that do not
+fit (activation, shape, unreadable files) are saved random state dicts of tiny architectures
+registered here, and each refusal must be one line.
 """
 
 import copy
+import json
+import logging
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import build_tiny
+from pos_reference import bilinear_size, official_table
 
 from ovseg_ros.engine import ModelLoadError, Segmenter, SegmenterConfig, build_backbone
-from ovseg_ros.engine.backbone import resolve_device, resolve_dtype
+from ovseg_ros.engine import backbone as backbone_lib
+from ovseg_ros.engine.backbone import (
+    _open_clip,
+    load_clip,
+    resolve_device,
+    resolve_dtype,
+    tag_quick_gelu,
+)
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -39,19 +53,54 @@ def test_interpolated_table_shapes_and_cls_row(tiny_backbone, grid):
     assert torch.isfinite(table).all()
 
 
-def test_interpolation_is_bicubic_over_the_patch_grid(tiny_backbone):
-    # A reference with torch's bicubic resize of the 4 x 4 table laid out as an image.
+@pytest.mark.parametrize("grid", [(6, 3), (3, 7), (13, 2), (8, 8), (21, 28), (1, 1)])
+def test_interpolation_is_the_official_scale_factor_sampling(tiny_backbone, grid):
+    # SCLIP / NACLIP / ClearCLIP / ProxyCLIP / CLIPtrase: F.interpolate(scale_factor=((h + 0.1)
+    # / 4, (w + 0.1) / 4), bicubic), sampled with that scale; the reference is a float64 loop.
     native = tiny_backbone.visual.positional_embedding
-    image = native[1:].reshape(4, 4, -1).permute(2, 0, 1).unsqueeze(0)
-    resized = torch.nn.functional.interpolate(image, size=(6, 3), mode="bicubic")
-    expected = resized[0].permute(1, 2, 0).reshape(18, -1)
-    torch.testing.assert_close(tiny_backbone.positional_embedding(6, 3)[1:], expected)
+    table = native[1:].reshape(4, 4, -1)
+    expected = official_table(table, grid).reshape(grid[0] * grid[1], -1)
+    ours = tiny_backbone.positional_embedding(*grid)
+    torch.testing.assert_close(ours[1:].double(), expected, atol=2e-6, rtol=1e-5)
 
 
-def test_positional_table_is_cached(tiny_backbone):
-    first = tiny_backbone.positional_embedding(3, 7)
-    assert tiny_backbone.positional_embedding(3, 7) is first
-    assert tiny_backbone.positional_embedding(7, 3) is not first
+def test_official_sampling_is_not_a_resize_by_size(tiny_backbone):
+    # The +0.1 scale factor samples slightly differently from size=(h, w) (up to 0.065 cells at
+    # the far edge of a 21 x 28 grid from 14 x 14): the old engine's table is not the official one.
+    native = tiny_backbone.visual.positional_embedding
+    image = native[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    by_size = F.interpolate(image, size=(21, 28), mode="bicubic", align_corners=False)
+    by_size = by_size[0].permute(1, 2, 0).reshape(21 * 28, -1)
+    ours = tiny_backbone.positional_embedding(21, 28)[1:]
+    assert (ours - by_size).abs().max() > 1e-3
+    # ... while the scale used by the official call, recomputed from the sizes, gives size=.
+    recomputed = F.interpolate(
+        image, scale_factor=(21.1 / 4, 28.1 / 4), mode="bicubic", recompute_scale_factor=True
+    )
+    torch.testing.assert_close(recomputed[0].permute(1, 2, 0).reshape(21 * 28, -1), by_size)
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (6, 3), (21, 28)])
+def test_cliper_table_is_bilinear_rounded_through_fp16(tiny_backbone, grid):
+    # CLIPer's upsample_pos_emb: F.interpolate(size=grid, mode='bilinear'), then .half(), at
+    # every grid (the native one too, where the resize is a copy), CLS row included.
+    native = tiny_backbone.visual.positional_embedding
+    table = tiny_backbone.positional_embedding(*grid, style="bilinear_fp16")
+    patches = bilinear_size(native[1:].reshape(4, 4, -1), grid).reshape(grid[0] * grid[1], -1)
+    expected = torch.cat([native[:1].double(), patches]).half().float()
+    assert table.dtype == native.dtype
+    # fp16 rounding of values that agree to 1e-7: at most one fp16 step apart, mostly equal.
+    step = expected.abs().clamp_min(2**-14) * 2**-10
+    assert torch.all((table - expected).abs() <= step)
+    assert (table == expected).float().mean() > 0.99
+    assert torch.equal(table, table.half().float())
+    if grid == (4, 4):
+        assert torch.equal(table, native.half().float())
+
+
+def test_positional_style_is_checked(tiny_backbone):
+    with pytest.raises(ValueError, match="style"):
+        tiny_backbone.positional_embedding(3, 3, style="nearest")
 
 
 # --- the runner against open_clip ----------------------------------------------------------
@@ -170,18 +219,72 @@ def test_missing_checkpoint_names_the_path(tmp_path):
     assert str(path) in str(info.value)
 
 
-def test_garbage_checkpoint_cannot_be_read(tmp_path):
+def load_error(path, name="ovseg-tiny", pretrained="none"):
+    """The ModelLoadError message of loading path as name; it must be one line."""
+    with pytest.raises(ModelLoadError) as info:
+        build_backbone(name, pretrained, str(path), "", "cpu", "fp32")
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_garbage_checkpoint_is_one_sentence(tmp_path):
+    # torch's own error is a multi-line weights_only advice; the user gets one sentence.
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"definitely not a torch file" * 10)
-    with pytest.raises(ModelLoadError, match="cannot read"):
-        build_backbone("ovseg-tiny", "none", str(path), "", "cpu", "fp32")
+    message = load_error(path)
+    assert "is not a weights file torch can read" in message and str(path) in message
+    assert "weights_only" not in message and "Weights only" not in message
+
+
+def test_pickled_objects_are_one_sentence(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"model": torch.nn.Linear(2, 2)}, path)  # a whole module, not a state dict
+    message = load_error(path)
+    assert "pickled Python objects (torch.nn.modules.linear.Linear)" in message
+    assert "state_dict()" in message and "weights_only" not in message
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated"])
+def test_empty_or_truncated_checkpoint(tmp_path, tiny_backbone, kind):
+    path = tmp_path / "cut.pt"
+    if kind == "empty":
+        path.touch()
+        assert "is an empty file" in load_error(path)
+    else:
+        torch.save(tiny_backbone.model.state_dict(), path)
+        path.write_bytes(path.read_bytes()[:5000])
+        assert "is truncated or corrupt" in load_error(path)
+
+
+def test_checkpoint_directory_says_it_is_a_directory(tmp_path, tiny_backbone):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    message = load_error(folder)
+    assert "is a directory, not a weights file" in message and "does not exist" not in message
+    torch.save(tiny_backbone.model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    assert "(it holds open_clip_pytorch_model.bin)" in load_error(folder)
+
+
+def test_safetensors_checkpoint(tmp_path, tiny_backbone):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, path)
+    loaded = build_backbone("ovseg-tiny", "none", str(path), "", "cpu", "fp32")
+    for a, b in zip(loaded.model.parameters(), tiny_backbone.model.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_checkpoint_of_another_architecture(tmp_path, tiny_backbone):
     path = tmp_path / "tiny.pt"
     torch.save(tiny_backbone.model.state_dict(), path)
-    with pytest.raises(ModelLoadError, match="does not fit model.name 'ViT-B-32'"):
-        build_backbone("ViT-B-32", "none", str(path), "", "cpu", "fp32")
+    message = load_error(path, "ViT-B-32")
+    assert "does not fit model.name 'ViT-B-32'" in message
+    # One sentence naming both shapes and an architecture that fits.
+    assert "width 128, patch 16, 64 px, 3 layers, 64-d embedding" in message
+    assert "width 768, patch 32, 224 px, 12 layers, 512-d embedding" in message
+    assert "set model.name to an architecture of that shape (ovseg-tiny" in message
 
 
 def test_non_tensor_checkpoint(tmp_path):
@@ -209,6 +312,210 @@ def test_pretrained_offline_names_tag_cache_and_checkpoint(tmp_path, monkeypatch
 def test_non_vit_model_is_rejected():
     with pytest.raises(ModelLoadError, match="VisionTransformer"):
         build_backbone("RN50", "none", "", "", "cpu", "fp32")
+
+
+# --- weights that do not fit the architecture: activation and shape ------------------------
+
+#: Tiny GELU / QuickGELU twins (open_clip's ViT-B-16 / ViT-B-16-quickgelu pattern), another input
+#: size, and a QuickGELU-only architecture whose text tower is wider.
+ACT_VISION = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16}
+ACT_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1}
+ACT_CONFIGS = {
+    "ovseg-test-act": {"embed_dim": 32, "vision_cfg": ACT_VISION, "text_cfg": ACT_TEXT},
+    "ovseg-test-act-quickgelu": {
+        "embed_dim": 32, "quick_gelu": True, "vision_cfg": ACT_VISION, "text_cfg": ACT_TEXT,
+    },
+    "ovseg-test-act-48": {
+        "embed_dim": 32, "vision_cfg": {**ACT_VISION, "image_size": 48}, "text_cfg": ACT_TEXT,
+    },
+    "ovseg-test-wide-text": {
+        "embed_dim": 32, "quick_gelu": True, "vision_cfg": ACT_VISION,
+        "text_cfg": {**ACT_TEXT, "width": 48},
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def act_models(tmp_path_factory):
+    """The test architectures registered with open_clip, and one random model of each."""
+    folder = tmp_path_factory.mktemp("act_configs")
+    for name, cfg in ACT_CONFIGS.items():
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip = _open_clip()
+    open_clip.add_model_config(folder)
+    models = {}
+    for seed, name in enumerate(ACT_CONFIGS):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(20 + seed)
+            models[name] = open_clip.create_model(name, pretrained=None).eval()
+    return models
+
+
+@pytest.fixture
+def fake_tags(monkeypatch):
+    """Registry tags of the test architectures: fake_gelu (GELU) and fake_quick (QuickGELU)."""
+    registry = _open_clip().pretrained._PRETRAINED
+    gelu = {"hf_hub": "ovseg/fake-gelu/", "url": ""}
+    quick = {"hf_hub": "ovseg/fake-quick/", "url": "", "quick_gelu": True}
+    monkeypatch.setitem(registry, "ovseg-test-act", {"fake_gelu": gelu, "fake_quick": quick})
+    monkeypatch.setitem(registry, "ovseg-test-act-quickgelu", {"fake_quick": quick})
+
+
+def activation_of(backbone):
+    """The class name of the image tower's MLP activation."""
+    return type(backbone.blocks[0].mlp.gelu).__name__
+
+
+def same_image_features(backbone, model):
+    """Whether a loaded backbone computes the same image features as the model saved."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    return torch.allclose(backbone.model.encode_image(x), model.encode_image(x), atol=1e-6)
+
+
+def save(model, path):
+    """torch.save a model's state dict to path (parents created); return path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_registry_gives_each_tags_activation():
+    open_clip = _open_clip()
+    assert tag_quick_gelu(open_clip, "ViT-B-16", "openai") is True
+    assert tag_quick_gelu(open_clip, "ViT-B-16", "laion2b_s34b_b88k") is False
+    assert tag_quick_gelu(open_clip, "ViT-B-16-quickgelu", "metaclip_400m") is True
+    assert tag_quick_gelu(open_clip, "ViT-B-16-quickgelu", "laion2b_s34b_b88k") is False  # twin's
+    assert tag_quick_gelu(open_clip, "ViT-B-16", "no-such-tag") is None
+
+
+def test_quickgelu_weights_in_a_plain_state_dict_need_an_explicit_choice(tmp_path, act_models):
+    # An open_clip state dict carries no activation; ovseg-test-act has a QuickGELU twin, so
+    # the GELU name alone is no choice: refused, naming the twin and the tag alternative.
+    path = save(act_models["ovseg-test-act-quickgelu"], tmp_path / "weights.pt")
+    for pretrained in ("none", "openai"):  # 'openai' is no tag of this architecture
+        message = load_error(path, "ovseg-test-act", pretrained)
+        assert "does not say whether its weights were trained with QuickGELU" in message
+        assert "set model.name to 'ovseg-test-act-quickgelu' for QuickGELU weights" in message
+
+
+def test_quickgelu_name_is_an_explicit_choice(tmp_path, act_models):
+    path = save(act_models["ovseg-test-act-quickgelu"], tmp_path / "weights.pt")
+    loaded = build_backbone("ovseg-test-act-quickgelu", "none", str(path), "", "cpu", "fp32")
+    assert activation_of(loaded) == "QuickGELU"
+    assert same_image_features(loaded, act_models["ovseg-test-act-quickgelu"])
+
+
+def test_tag_confirms_the_names_activation(tmp_path, act_models, fake_tags):
+    path = save(act_models["ovseg-test-act"], tmp_path / "weights.pt")
+    loaded = build_backbone("ovseg-test-act", "fake_gelu", str(path), "", "cpu", "fp32")
+    assert activation_of(loaded) == "GELU"
+    assert same_image_features(loaded, act_models["ovseg-test-act"])
+
+
+def test_tag_disagreeing_with_the_name_is_refused(tmp_path, act_models, fake_tags):
+    path = save(act_models["ovseg-test-act-quickgelu"], tmp_path / "weights.pt")
+    message = load_error(path, "ovseg-test-act", "fake_quick")
+    assert "model.name 'ovseg-test-act' (GELU) disagrees with model.pretrained 'fake_quick'" in (
+        message
+    )
+    assert "set model.name to 'ovseg-test-act-quickgelu'" in message
+
+
+def test_open_clip_config_beside_the_file_sets_the_activation(tmp_path, act_models, caplog):
+    # open_clip's folder layout (and the Hugging Face repositories): the config says QuickGELU.
+    folder = tmp_path / "repo"
+    path = save(act_models["ovseg-test-act-quickgelu"], folder / "open_clip_pytorch_model.bin")
+    config = {"model_cfg": ACT_CONFIGS["ovseg-test-act-quickgelu"]}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO, logger="ovseg_ros.engine"):
+        loaded = build_backbone("ovseg-test-act", "none", str(path), "", "cpu", "fp32")
+    assert activation_of(loaded) == "QuickGELU"
+    assert same_image_features(loaded, act_models["ovseg-test-act-quickgelu"])
+    assert (
+        "model.checkpoint open_clip_pytorch_model.bin (described by the open_clip_config.json "
+        "beside it), trained with QuickGELU: building model.name ovseg-test-act with QuickGELU "
+        "(as ovseg-test-act-quickgelu)"
+    ) in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("repo", "name", "saved", "built"),
+    [
+        ("models--ovseg--fake-quick", "ovseg-test-act", "ovseg-test-act-quickgelu", "QuickGELU"),
+        ("models--ovseg--fake-gelu", "ovseg-test-act-quickgelu", "ovseg-test-act", "GELU"),
+    ],
+)
+def test_hub_cache_path_names_the_registry_tag(
+    tmp_path, act_models, fake_tags, caplog, repo, name, saved, built
+):
+    path = tmp_path / "hub" / repo / "snapshots" / "0123abc" / "open_clip_pytorch_model.bin"
+    save(act_models[saved], path)
+    with caplog.at_level(logging.INFO, logger="ovseg_ros.engine"):
+        loaded = build_backbone(name, "none", str(path), "", "cpu", "fp32")
+    assert activation_of(loaded) == built
+    assert same_image_features(loaded, act_models[saved])
+    assert "(the open_clip download ovseg-test-act" in caplog.text
+    if built == "GELU":  # a GELU twin exists: used instead of the QuickGELU name
+        assert "trained with GELU: using ovseg-test-act instead of model.name" in caplog.text
+
+
+def test_another_input_size_is_refused_not_resized(tmp_path, act_models):
+    # open_clip's own loader would resize the 3 x 3 positional table to 2 x 2 without a word.
+    path = save(act_models["ovseg-test-act-48"], tmp_path / "weights.pt")
+    message = load_error(path, "ovseg-test-act-quickgelu")
+    assert "the file holds a ViT of width 64, patch 16, 48 px, 2 layers" in message
+    assert "ovseg-test-act-quickgelu is width 64, patch 16, 32 px" in message
+    assert "(ovseg-test-act-48)" in message
+
+
+def test_text_tower_mismatch_is_one_sentence(tmp_path, act_models):
+    path = save(act_models["ovseg-test-wide-text"], tmp_path / "weights.pt")
+    message = load_error(path, "ovseg-test-act-quickgelu")
+    assert "does not fit model.name 'ovseg-test-act-quickgelu'" in message
+    assert "tensors differ in shape (e.g. positional_embedding: file (77, 48)" in message
+
+
+def test_openai_file_is_quickgelu_with_an_info_line(tmp_path, tiny_backbone, act_models, caplog):
+    path = tmp_path / "openai.pt"
+    torch.save(openai_state_dict(tiny_backbone.model, half=False), path)
+    with caplog.at_level(logging.INFO, logger="ovseg_ros.engine"):
+        loaded = build_backbone("ovseg-test-act", "none", str(path), "", "cpu", "fp32")
+    assert activation_of(loaded) == "QuickGELU" and loaded.width == 128
+    assert (
+        "OpenAI CLIP state dict, architecture read from the file (ViT of width 128, patch 16, "
+        "64 px, 3 layers, 64-d embedding, QuickGELU)"
+    ) in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "tag", "arch", "force"),
+    [
+        ("ovseg-test-act", "fake_quick", "ovseg-test-act", True),  # as ViT-B-16 + openai
+        ("ovseg-test-act", "fake_gelu", "ovseg-test-act", False),
+        ("ovseg-test-act-quickgelu", "fake_quick", "ovseg-test-act-quickgelu", False),
+    ],
+)
+def test_pretrained_tag_builds_its_activation(
+    monkeypatch, act_models, fake_tags, caplog, name, tag, arch, force
+):
+    # open_clip itself only warns when the tag's activation is not the architecture's.
+    open_clip = _open_clip()
+    calls = []
+
+    def create_model(model_name, pretrained=None, **kwargs):
+        calls.append((model_name, pretrained, kwargs.get("force_quick_gelu", False)))
+        return act_models["ovseg-test-act"]  # no download
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    monkeypatch.setattr(backbone_lib, "_hub_reachable", lambda timeout=3.0: False)
+    with caplog.at_level(logging.INFO, logger="ovseg_ros.engine"):
+        _, source = load_clip(name, tag)
+    assert calls == [(arch, tag, force)]
+    if force:
+        assert source == f"pretrained {tag} (QuickGELU)"
+        assert f"model.pretrained '{tag}', trained with QuickGELU: building model.name" in (
+            caplog.text
+        )
 
 
 # --- checkpoint round trips -----------------------------------------------------------------

@@ -1,5 +1,11 @@
 """CLIPer (METHODS.md section 4) against its formulas, written here independently.
 
+The formulas are those of the official code (linsun449/cliper.code): the fp16 bilinear
+positional table, one more column/row normalisation of the summed attention per layer, the
+thresholded selected layer inside the layer mean, and the labelling of ovs/main_ovs.py and
+util/miou.py cam_to_label (upsample first, divide by the upsampled maximum, is_normalize,
+score and background thresholds), transcribed below as ref_official_labels.
+
 The references use plain torch ops on the models' weights (ln_1, in_proj, out_proj, mlp, ln_post,
 proj; diffusers' to_q / to_k), explicit loops where that is clearer, and never the engine's
 helpers. FGC runs on a tiny random UNet2DConditionModel / AutoencoderKL built from a config, so it
@@ -15,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, build_tiny
+from pos_reference import official_table
 
 from ovseg_ros.engine import Segmenter, SegmenterConfig, available_methods, create_method
 from ovseg_ros.engine import fgc as fgc_lib
@@ -37,9 +44,32 @@ def heads_of(t, heads):
     return t.reshape(b, n, heads, d // heads).permute(0, 2, 1, 3)
 
 
-def ref_blocks(backbone, images):
+def ref_embed(backbone, images, style="bilinear_fp16"):
+    """conv1 patches + CLS, plus the positional table (official CLIPer: bilinear, fp16), ln_pre."""
+    visual = backbone.visual
+    x = visual.conv1(images)
+    h, w = x.shape[-2:]
+    x = x.flatten(2).transpose(1, 2)
+    native = visual.positional_embedding
+    gh, gw = backbone.native_grid
+    if style == "bilinear_fp16":
+        # CLIPer's upsample_pos_emb as written (test_backbone pins the op against a float64
+        # loop; fp16 rounding of that loop's values would differ in a few elements by one step).
+        grid = native[1:].T.reshape(1, -1, gh, gw)
+        patches = F.interpolate(grid, size=(h, w), mode="bilinear")[0].reshape(-1, h * w).T
+        table = torch.cat([native[:1], patches]).half().float()
+    elif (h, w) == (gh, gw):
+        table = native
+    else:
+        patches = official_table(native[1:].reshape(gh, gw, -1), (h, w)).reshape(h * w, -1)
+        table = torch.cat([native[:1].double(), patches]).float()
+    cls = visual.class_embedding.expand(x.shape[0], 1, -1)
+    return visual.ln_pre(torch.cat([cls, x], dim=1) + table)
+
+
+def ref_blocks(backbone, images, style="bilinear_fp16"):
     """Every block's input F^1..F^L and the per-head attention of blocks 1..L-1, by hand."""
-    x, _ = backbone.embed(images)
+    x = ref_embed(backbone, images, style)
     inputs, attentions = [], []
     for block in backbone.blocks[:-1]:
         inputs.append(x)
@@ -55,12 +85,13 @@ def ref_blocks(backbone, images):
     return inputs, attentions
 
 
-def ref_fuse(attentions):
-    """The fused attention, step by step in float64 with explicit sums."""
+def ref_fuse(attentions, times=1):
+    """The fused attention after `times` column-then-row normalisations, in float64."""
     m = sum(a.double() for a in attentions)
-    col = m.sum(dim=2, keepdim=True)  # sum over rows i: one value per column j
-    m = m / col
-    m = m / m.sum(dim=3, keepdim=True)
+    for _ in range(times):
+        col = m.sum(dim=2, keepdim=True)  # sum over rows i: one value per column j
+        m = m / col
+        m = m / m.sum(dim=3, keepdim=True)
     sym = 0.5 * (m + m.transpose(2, 3))
     centred = sym - sym.sum(dim=2, keepdim=True) / sym.shape[2]
     pos = torch.where(centred > 0, centred, torch.zeros_like(centred))
@@ -95,44 +126,98 @@ def ref_probabilities(features, vocab, scale):
     return prob[:, :, : len(fg_rows)]  # (L, B, Qfg, hw)
 
 
-def ref_propagate(selected, fused, thr):
-    """S'_j = sum_i S_i mean_h(Ã)_ij over patches, S zeroed below thr x its spatial max."""
-    b, q, n = selected.shape
-    a = fused.mean(dim=1)[:, 1:, 1:]
+def ref_threshold(selected, thr):
+    """S zeroed below thr x its spatial max, query by query."""
     s = selected.clone()
-    for bi in range(b):
-        for qi in range(q):
+    for bi in range(s.shape[0]):
+        for qi in range(s.shape[1]):
             s[bi, qi][s[bi, qi] < thr * s[bi, qi].max()] = 0
+    return s
+
+
+def ref_mix(s, fused):
+    """S'_j = sum_i S_i mean_h(Ã)_ij over the patches."""
+    a = fused.mean(dim=1)[:, 1:, 1:]
     out = torch.zeros_like(s)
-    for j in range(n):
+    for j in range(s.shape[-1]):
         out[:, :, j] = (s * a[:, None, :, j]).sum(dim=-1)
     return out
 
 
-def ref_coarse(backbone, images, vocab, scale, select, thr):
-    """S_c of METHODS.md section 4 steps 1-6, (B, Qfg, h*w), and the fused attention."""
+def ref_propagate(selected, fused, thr):
+    """S'_j = sum_i S_i mean_h(Ã)_ij over patches, S zeroed below thr x its spatial max."""
+    return ref_mix(ref_threshold(selected, thr), fused)
+
+
+def ref_coarse(backbone, images, vocab, scale, select, thr, early_ln_1=False):
+    """S_c as the official code computes it, (B, Qfg, h*w), and the propagation's Ã.
+
+    Layer k (1..L) reprojects with Ã after k normalisations, the propagation uses Ã after L;
+    the thresholded selected layer also enters the layer mean.
+    """
     inputs, attentions = ref_blocks(backbone, images)
-    fused, _ = ref_fuse(attentions)
-    probs = ref_probabilities(ref_reproject(backbone, inputs, fused), vocab, scale)
-    return ref_propagate(probs[select], fused, thr) + probs.mean(dim=0), fused
+    if early_ln_1:  # the official code's features: ln_1 of block n for n < L
+        blocks = backbone.blocks[:-1]
+        inputs = [b.ln_1(x) for b, x in zip(blocks, inputs[:-1], strict=True)] + [inputs[-1]]
+    layers = len(inputs)
+    fused = [ref_fuse(attentions, k + 1)[0] for k in range(layers)]
+    feats = torch.cat([ref_reproject(backbone, [x], a) for x, a in zip(inputs, fused, strict=True)])
+    probs = ref_probabilities(feats, vocab, scale)
+    probs[select] = ref_threshold(probs[select], thr)
+    return ref_mix(probs[select], fused[-1]) + probs.mean(dim=0), fused[-1]
 
 
-def ref_labels(coarse, refined, vocab, size, score_thr, bkg_thr):
-    """CLIPer's labelling as class ids (B, H, W), vocab.unlabeled for background."""
-    score = coarse.amax(dim=(-1, -2))
-    final = coarse
-    if refined is not None:
-        score = 0.5 * score + 0.5 * refined.amax(dim=(-1, -2))
-        final = refined
-    value = final / (final.amax(dim=(-1, -2), keepdim=True) + 1e-5) * score[..., None, None]
-    value[score <= score_thr] = 0
-    value = F.interpolate(value, size=size, mode="bilinear", align_corners=False)
-    value[value < bkg_thr] = 0
-    best, query = value.max(dim=1)
+def ref_official_labels(final, score, size, score_thr, bkg_thr, is_normalize):
+    """ovs/main_ovs.py + util/miou.py cam_to_label, transcribed: (B, H, W) 0 = bg, j + 1 = fg j.
+
+    final: (B, Qfg, h, w) map (S_c, or S_f with FGC); score: (B, Qfg).
+    """
+    up = F.interpolate(final, size=size, mode="bilinear", align_corners=False)
+    pred = up / (up.amax(dim=(-1, -2), keepdim=True) + 1e-5) * score[..., None, None]
+    b, c = pred.shape[:2]
+    cam = pred.reshape(b, c, -1).clone()
+    gate = (score > score_thr)[..., None].float()
+    if is_normalize:
+        cam = cam - cam.amin(dim=-1, keepdim=True)
+        cam = cam / (cam.amax(dim=-1, keepdim=True) + 1e-6)
+    if bkg_thr > 0:
+        cam[cam < bkg_thr] = 0
+        value, index = (gate * cam).max(dim=1)
+        label = index + 1
+        label[value == 0] = 0
+    else:
+        valid = gate * cam
+        valid = torch.cat([(1 - valid.amax(dim=1, keepdim=True)) ** 2, valid], dim=1)
+        label = valid.argmax(dim=1)
+    return label.reshape(b, *size)
+
+
+def as_classes(official, vocab):
+    """Official labels (0 = background, j + 1 = foreground query j) as class ids / unlabeled."""
     fg_class = vocab.query_class[vocab.query_class < vocab.num_classes]
-    labels = fg_class[query]
-    labels[best <= 0] = vocab.unlabeled
-    return labels
+    table = torch.cat([torch.tensor([vocab.unlabeled]), fg_class])
+    return table[official]
+
+
+def full_grid(values, vocab):
+    """(B, Qfg, h, w) foreground maps -> (B, Q, h, w) with zeros for the background words."""
+    fg = vocab.query_class < vocab.num_classes
+    out = values.new_zeros((values.shape[0], len(fg), *values.shape[-2:]))
+    out[:, fg] = values
+    return out
+
+
+def pixel_step_labels(method, grid, vocab, size, chunks=None):
+    """Labels of (B, Q, h, w) logits() maps: upsample, pixel_logits per query chunk, argmax."""
+    up = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    chunks = chunks or [slice(None)]
+    logits = torch.stack(
+        [
+            torch.cat([method.pixel_logits(u[c], g[c], c, vocab) for c in chunks])
+            for u, g in zip(up, grid, strict=True)
+        ]
+    )
+    return segmenter_labels(logits, vocab), logits
 
 
 def segmenter_labels(logits, vocab):
@@ -173,18 +258,30 @@ def captured(tiny_backbone, images):
 
 
 def test_block_capture_matches_hand_forward(tiny_backbone, images, captured):
-    inputs, attentions = ref_blocks(tiny_backbone, images)
+    inputs, attentions = ref_blocks(tiny_backbone, images, style="bicubic")
     assert len(captured.inputs) == tiny_backbone.num_layers == len(inputs)
     for ours, ref in zip(captured.inputs, inputs, strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     for ours, ref in zip(captured.attentions, attentions, strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
-    # CLIPer's own runner keeps the inputs and sums the maps on the fly.
-    feats, total, grid = cliper_lib.run_early_blocks(tiny_backbone, images)
+    # CLIPer's own runner keeps the inputs and sums the maps on the fly, with its own table.
+    inputs, attentions = ref_blocks(tiny_backbone, images)
+    feats, total, grid = cliper_lib.run_early_blocks(tiny_backbone, images, "bilinear_fp16")
     assert grid == GRID and len(feats) == tiny_backbone.num_layers
     for ours, ref in zip(feats, inputs, strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(total, sum(attentions), atol=1e-6, rtol=1e-5)
+
+
+def test_cliper_uses_the_fp16_bilinear_table_by_default(tiny_backbone, images, vocab):
+    # The official CLIPer table (bilinear, fp16) differs from the common bicubic one, and the
+    # parameter pos_interpolation switches between them.
+    official, _ = create_method("cliper").coarse(tiny_backbone, images, vocab)
+    bicubic, _ = create_method("cliper", {"pos_interpolation": "bicubic"}).coarse(
+        tiny_backbone, images, vocab
+    )
+    assert not torch.allclose(official, bicubic, atol=1e-6)
+    assert make_params("cliper").pos_interpolation == "bilinear_fp16"
 
 
 def test_fused_attention_matches_formula(captured):
@@ -223,6 +320,30 @@ def test_fused_attention_on_a_hand_example():
     torch.testing.assert_close(cliper_lib.fuse_attention([a1, a2])[0, 0], m.float())
 
 
+def test_each_layer_gets_one_more_normalisation(captured):
+    # The official custom_attn divides the summed map in place on each of its L calls: layer k
+    # uses the map after k column/row normalisations; the map is left normalised L times.
+    layers = 3
+    total = sum(a.float() for a in captured.attentions)
+    maps = list(cliper_lib.fused_attention_per_layer(total, layers))
+    assert len(maps) == layers
+    for k, fused in enumerate(maps, start=1):
+        expected, _ = ref_fuse(captured.attentions, times=k)
+        torch.testing.assert_close(fused, expected, atol=1e-6, rtol=1e-5)
+    # The counts matter: one normalisation is not two or three (Sinkhorn steps move the map).
+    once, _ = ref_fuse(captured.attentions, times=1)
+    assert not torch.allclose(maps[1], once, atol=1e-5)
+    assert not torch.allclose(maps[2], maps[1], atol=1e-6)
+    # The side effect on the summed map: normalised `layers` times, so rows and columns sum to
+    # about 1 (exactly for the rows, the last step).
+    torch.testing.assert_close(total.sum(-1), torch.ones(total.shape[:-1]))
+    m = sum(a.double() for a in captured.attentions)
+    for _ in range(layers):
+        m = m / m.sum(2, keepdim=True)
+        m = m / m.sum(3, keepdim=True)
+    torch.testing.assert_close(total.double(), m, atol=1e-6, rtol=1e-5)
+
+
 def test_reprojection_uses_last_blocks_v_for_every_layer(tiny_backbone, captured):
     fused = cliper_lib.fuse_attention(captured.attentions)
     feats = cliper_lib.reproject(tiny_backbone, captured.inputs, fused)
@@ -234,6 +355,14 @@ def test_reprojection_uses_last_blocks_v_for_every_layer(tiny_backbone, captured
     # No residual and no FFN: the re-projection is not the last block's normal output.
     normal = tiny_backbone.project(tiny_backbone.blocks[-1](captured.inputs[-1])[:, 1:])
     assert not torch.allclose(feats[-1], normal, atol=1e-3)
+    # One map per layer: each feature set with its own map.
+    total = sum(a.float() for a in captured.attentions)
+    maps = list(cliper_lib.fused_attention_per_layer(total, len(captured.inputs)))
+    per_layer = cliper_lib.reproject(tiny_backbone, captured.inputs, maps)
+    for k, (x, a) in enumerate(zip(captured.inputs, maps, strict=True)):
+        torch.testing.assert_close(
+            per_layer[k], ref_reproject(tiny_backbone, [x], a)[0], atol=1e-5, rtol=1e-4
+        )
 
 
 def test_layer_probabilities_include_background_and_mean_query(tiny_backbone, captured, vocab):
@@ -274,6 +403,23 @@ def test_propagation_matches_formula(captured):
     assert not torch.allclose(out, full)
 
 
+def test_thresholded_layer_enters_the_layer_mean(captured):
+    # The official code zeroes seg[select_layer] in place before seg.mean(0).
+    fused = cliper_lib.fuse_attention(captured.attentions)
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(3, 2, 4, GRID[0] * GRID[1], generator=g)
+    before = probs.clone()
+    for select in (-1, 0):
+        s_c = cliper_lib.coarse_map(probs, fused, select, 0.5)
+        cut = ref_threshold(probs[select], 0.5)
+        layers = [cut if i == select % 3 else probs[i] for i in range(3)]
+        expected = ref_mix(cut, fused) + sum(layers) / 3
+        torch.testing.assert_close(s_c, expected, atol=1e-6, rtol=1e-5)
+        unthresholded_mean = ref_mix(cut, fused) + probs.mean(0)
+        assert not torch.allclose(s_c, unthresholded_mean, atol=1e-4)
+    assert torch.equal(probs, before)  # the caller's tensor is not modified
+
+
 @pytest.mark.parametrize(("select_layer", "index"), [(0, -1), (-2, -2), (2, 1)])
 def test_coarse_map_matches_formula(select_layer, index, tiny_backbone, images, vocab):
     method = create_method("cliper", {"select_layer": select_layer})
@@ -289,50 +435,179 @@ def test_selected_layer_matters(tiny_backbone, images, vocab):
     assert not torch.allclose(last, other, atol=1e-4)
 
 
+def test_early_ln_1_feeds_the_official_feature_sets(images):
+    # ln_1 of block n on F^n (n < L), as the official forward_transformer stores; it matters once
+    # the LayerNorm parameters are not (1, 0), as in trained weights.
+    bb = build_tiny(seed=9)
+    with torch.no_grad():
+        for block in bb.blocks:
+            block.ln_1.weight.add_(0.3 * torch.randn(block.ln_1.weight.shape))
+            block.ln_1.bias.add_(0.3 * torch.randn(block.ln_1.bias.shape))
+    config = SegmenterConfig(**TINY_CONFIG, vocabulary=VOCAB, background_words=BACKGROUND)
+    vocab = Segmenter(config, backbone=bb).vocabulary
+    official, _ = create_method("cliper", {"early_ln_1": True}).coarse(bb, images, vocab)
+    expected, _ = ref_coarse(bb, images, vocab, 100.0, -1, 0.2, early_ln_1=True)
+    torch.testing.assert_close(official.flatten(2), expected, atol=1e-5, rtol=1e-4)
+    documented, _ = create_method("cliper", {"early_ln_1": False}).coarse(bb, images, vocab)
+    assert not torch.allclose(documented, official, atol=1e-4)
+    assert make_params("cliper").early_ln_1 is True  # the official code's features by default
+    default, _ = create_method("cliper").coarse(bb, images, vocab)
+    torch.testing.assert_close(default, official)
+
+
 # --- labelling ------------------------------------------------------------------------------
 
+LABEL_RULES = [
+    (0.7, 0.6, True),  # VOC21 (the defaults)
+    (0.3, 0.6, True),
+    (0.45, 0.45, False),  # Pascal Context-60
+    (0.0, 0.001, False),  # VOC20
+    (0.3, 0.0, True),  # bkg_thre 0: the (1 - max)^2 background rule
+    (0.0, 0.0, False),
+]
 
-@pytest.mark.parametrize(("score_thr", "bkg_thr"), [(0.7, 0.6), (0.0, 0.3), (0.3, 0.0), (0, 0)])
-def test_label_logits_reproduce_the_labelling(score_thr, bkg_thr, vocab):
-    g = torch.Generator().manual_seed(5)
-    coarse = (
-        torch.rand(2, 4, *GRID, generator=g) * torch.tensor([1.2, 0.5, 0.9, 0.2])[:, None, None]
+
+def random_coarse(seed, shape=(2, 4, *GRID)):
+    """Coarse maps whose query scores straddle the thresholds (1.2, 0.5, 0.9, 0.2 at most)."""
+    g = torch.Generator().manual_seed(seed)
+    peak = torch.tensor([1.2, 0.5, 0.9, 0.2])[:, None, None]
+    return torch.rand(*shape, generator=g) * peak
+
+
+@pytest.mark.parametrize(("score_thr", "bkg_thr", "is_normalize"), LABEL_RULES)
+def test_pixel_step_reproduces_the_official_labelling(score_thr, bkg_thr, is_normalize, vocab):
+    coarse = random_coarse(5)
+    params = {"score_threshold": score_thr, "bkg_thre": bkg_thr, "is_normalize": is_normalize}
+    method = create_method("cliper", params)
+    grid = full_grid(cliper_lib.grid_values(coarse), vocab)
+    labels, logits = pixel_step_labels(method, grid, vocab, (48, 80))
+    assert logits.shape == (2, len(vocab.queries), 48, 80) and torch.isfinite(logits).all()
+    official = ref_official_labels(
+        coarse, coarse.amax(dim=(-1, -2)), (48, 80), score_thr, bkg_thr, is_normalize
     )
-    logits = cliper_lib.label_logits(coarse, None, vocab, (48, 80), score_thr, bkg_thr)
-    assert logits.shape == (2, len(vocab.queries), 48, 80)
-    assert torch.isfinite(logits).all()
-    expected = ref_labels(coarse, None, vocab, (48, 80), score_thr, bkg_thr)
-    torch.testing.assert_close(segmenter_labels(logits, vocab), expected)
+    expected = as_classes(official, vocab)
+    torch.testing.assert_close(labels, expected)
+    assert 0 < (expected == vocab.unlabeled).float().mean() < 1 or bkg_thr == 0.001
+    # Query chunks (the engine bounds memory that way) give the same logits.
+    chunked_labels, chunked = pixel_step_labels(
+        method, grid, vocab, (48, 80), chunks=[slice(0, 2), slice(2, 5), slice(5, 7)]
+    )
+    torch.testing.assert_close(chunked, logits)
 
 
-def test_label_logits_gate_classes_and_set_background(vocab):
-    coarse = torch.ones(1, 4, *GRID)
-    coarse[0, 1] = 0.5  # "kitten": score 0.5, below score_threshold 0.7
-    logits = cliper_lib.label_logits(coarse, None, vocab, GRID, 0.7, 0.6)
-    torch.testing.assert_close(logits[0, 1], torch.full(GRID, math.log(1e-6)))
-    bg = int(torch.nonzero(vocab.query_class >= vocab.num_classes)[0])
-    torch.testing.assert_close(logits[0, bg], torch.full(GRID, math.log(0.6)))
-    torch.testing.assert_close(logits[0, bg + 1], torch.full(GRID, math.log(1e-6)))
-    # A flat map of score 1 normalises to 1 / (1 + 1e-5) everywhere.
-    torch.testing.assert_close(logits[0, 0], torch.full(GRID, math.log(1 / (1 + 1e-5))))
+def test_labelling_upsamples_before_dividing_by_the_maximum():
+    # main_ovs.py: the UPSAMPLED map is divided by its own maximum (+1e-5), times the score.
+    grid = torch.tensor([[[0.0, 1.0, 0.2], [0.4, 0.3, 0.0]]])
+    up = F.interpolate(grid[None], size=(5, 8), mode="bilinear", align_corners=False)[0]
+    assert up.max() < grid.max()  # bilinear upsampling lowers this peak
+    score = torch.tensor([0.8])
+    values = cliper_lib.label_values(up, score, 0.0, is_normalize=False)
+    torch.testing.assert_close(values, up / (up.max() + 1e-5) * 0.8)
+    grid_first = F.interpolate(
+        (grid / (grid.max() + 1e-5) * 0.8)[None], size=(5, 8), mode="bilinear"
+    )[0]
+    assert not torch.allclose(values, grid_first, atol=1e-3)
+    assert values.max() == pytest.approx(0.8 * up.max().item() / (up.max().item() + 1e-5))
 
 
-def test_label_logits_with_refined_map_use_half_half_scores(vocab):
-    g = torch.Generator().manual_seed(6)
-    coarse = torch.rand(1, 4, *GRID, generator=g)
-    refined = torch.rand(1, 4, 8, 8, generator=g) * 2
-    logits = cliper_lib.label_logits(coarse, refined, vocab, (48, 80), 0.5, 0.4)
-    expected = ref_labels(coarse, refined, vocab, (48, 80), 0.5, 0.4)
-    torch.testing.assert_close(segmenter_labels(logits, vocab), expected)
+def test_is_normalize_is_a_min_max_normalisation_per_query():
+    # util/miou.py cam_to_label with is_normalize: V -= min V; V /= max V + 1e-6, per query,
+    # before the score gate; the score then only gates (V reaches ~1 for every kept query).
+    up = torch.tensor([[[0.2, 0.4], [0.6, 1.0]], [[0.1, 0.1], [0.3, 0.5]], [[1, 2], [3, 4.0]]])
+    score = torch.tensor([0.9, 0.75, 0.2])
+    values = cliper_lib.label_values(up, score, 0.7, is_normalize=True)
+    for q in range(2):
+        v = up[q] / (up[q].max() + 1e-5) * score[q]
+        v = v - v.min()
+        torch.testing.assert_close(values[q], v / (v.max() + 1e-6))
+    assert torch.all(values[2] == 0)  # score 0.2 is not above 0.7
+    torch.testing.assert_close(values[:2].amax(dim=(-1, -2)), torch.ones(2), atol=1e-5, rtol=0)
+    plain = cliper_lib.label_values(up, score, 0.7, is_normalize=False)
+    assert plain[1].max() < 0.76 and values[1].max() > 0.99
+
+
+def background_vocab_labels(method, values_per_query, vocab):
+    """Labels from pixel_logits of hand-made foreground values (scores 1, no upsampling)."""
+    fg = int((vocab.query_class < vocab.num_classes).sum())
+    grid = torch.zeros(len(vocab.query_class), 1, len(values_per_query[0]))
+    grid[:fg] = torch.tensor(values_per_query, dtype=torch.float32)[:, None, :]
+    logits = method.pixel_logits(grid.clone(), grid, slice(None), vocab)
+    return segmenter_labels(logits[None], vocab)[0, 0]
+
+
+def test_background_rules_at_their_thresholds(vocab):
+    # One query at 1 everywhere-max, so V = value / (1 + 1e-5) with is_normalize off; the other
+    # queries are 0. bkg_thre 0.6: values below are zeroed, a pixel with nothing left is
+    # background. bkg_thre 0: background where (1 - max V)^2 >= max V, i.e. max V <= 0.382.
+    u = vocab.unlabeled
+    cat = int(vocab.query_class[0])
+    method = create_method("cliper", {"score_threshold": 0.0, "bkg_thre": 0.6, "is_normalize": 0})
+    row = [1.0, 0.6 * (1 + 1e-5) * 1.0001, 0.6 * (1 + 1e-5) * 0.9999, 0.0]
+    labels = background_vocab_labels(method, [row, [0] * 4, [0] * 4, [0] * 4], vocab)
+    assert labels.tolist() == [cat, cat, u, u]
+    square = create_method("cliper", {"score_threshold": 0.0, "bkg_thre": 0.0, "is_normalize": 0})
+    level = (3 - 5**0.5) / 2
+    row = [1.0, level * (1 + 1e-5) * 1.0001, level * (1 + 1e-5) * 0.9999, 0.0]
+    labels = background_vocab_labels(square, [row, [0] * 4, [0] * 4, [0] * 4], vocab)
+    assert labels.tolist() == [cat, cat, u, u]
+    m = torch.tensor(row[1:3]) / (1 + 1e-5)
+    assert ((1 - m) ** 2 >= m).tolist() == [False, True]  # the official comparison
+
+
+def test_value_at_the_threshold_keeps_its_class(vocab):
+    # cam_to_label zeroes values BELOW bkg_thre: a value equal to it keeps the class, whatever
+    # the engine's tie-breaking (the background logit sits one float below log(bkg_thre)).
+    values = torch.tensor([[[0.6, 0.59999996]]])
+    logits = cliper_lib.foreground_logits(values, 0.6)
+    base = cliper_lib.background_logit(0.6)
+    assert logits[0, 0, 0] > base > logits[0, 0, 1]
+    assert base == float(torch.nextafter(torch.log(torch.tensor(0.6)), torch.tensor(-1.0)))
+
+
+def test_without_background_words_the_best_class_wins(tiny_backbone):
+    config = SegmenterConfig(**TINY_CONFIG, vocabulary=["a", "b", "c"], background_words=[])
+    vocab = Segmenter(config, backbone=tiny_backbone).vocabulary
+    method = create_method("cliper", {"score_threshold": 0.0, "bkg_thre": 0.9, "is_normalize": 0})
+    values = [[0.1, 0.5, 1.0], [0.3, 0.2, 0.0], [0.2, 0.1, 0.5]]
+    labels = background_vocab_labels(method, values, vocab)
+    # Below bkg_thre everywhere but column 3: the order of the values still decides.
+    assert labels.tolist() == [1, 0, 0]
+
+
+def test_fgc_maps_carry_the_half_half_score(vocab):
+    # With FGC the final map is S_f and the score 0.5 max S_f + 0.5 max S_c (ovs/pipeline.py):
+    # logits() returns S_f scaled so that its grid maximum is that score.
+    coarse = random_coarse(6, (1, 4, *GRID))
+    refined = torch.rand(1, 4, 8, 8, generator=torch.Generator().manual_seed(7)) * 2
+    score = 0.5 * refined.amax(dim=(-1, -2)) + 0.5 * coarse.amax(dim=(-1, -2))
+    values = cliper_lib.grid_values(coarse, refined)
+    torch.testing.assert_close(values.amax(dim=(-1, -2)), score)
+    torch.testing.assert_close(cliper_lib.class_scores(coarse, refined), score)
+    torch.testing.assert_close(
+        values / score[..., None, None], refined / refined.amax((-1, -2), True)
+    )
+    for rules in LABEL_RULES:
+        params = dict(zip(("score_threshold", "bkg_thre", "is_normalize"), rules, strict=True))
+        method = create_method("cliper", params)
+        labels, _ = pixel_step_labels(method, full_grid(values, vocab), vocab, (48, 80))
+        official = ref_official_labels(refined, score, (48, 80), *rules)
+        torch.testing.assert_close(labels, as_classes(official, vocab))
 
 
 def test_method_logits_end_to_end(tiny_backbone, images, vocab):
     params = {"score_threshold": 0.0, "bkg_thre": 0.5}
-    logits = create_method("cliper", params).logits(tiny_backbone, images, vocab)
-    assert logits.shape == (2, len(vocab.queries), 48, 80) and logits.dtype == torch.float32
+    method = create_method("cliper", params)
+    grid = method.logits(tiny_backbone, images, vocab)
+    assert grid.shape == (2, len(vocab.queries), *GRID) and grid.dtype == torch.float32
+    assert method.has_pixel_step
     coarse, _ = ref_coarse(tiny_backbone, images, vocab, 100.0, -1, 0.2)
-    expected = ref_labels(coarse.reshape(2, 4, *GRID), None, vocab, (48, 80), 0.0, 0.5)
-    torch.testing.assert_close(segmenter_labels(logits, vocab), expected)
+    coarse = coarse.reshape(2, 4, *GRID)
+    fg = vocab.query_class < vocab.num_classes
+    torch.testing.assert_close(grid[:, fg], coarse, atol=1e-5, rtol=1e-4)
+    assert torch.all(grid[:, ~fg] == 0)
+    labels, _ = pixel_step_labels(method, grid, vocab, (48, 80))
+    official = ref_official_labels(coarse, coarse.amax(dim=(-1, -2)), (48, 80), 0.0, 0.5, True)
+    torch.testing.assert_close(labels, as_classes(official, vocab))
 
 
 def test_segmenter_runs_cliper(make_segmenter):
@@ -341,6 +616,7 @@ def test_segmenter_runs_cliper(make_segmenter):
         vocabulary=VOCAB,
         background_words=BACKGROUND,
         method_params={"score_threshold": 0.0, "bkg_thre": 0.3},
+        short_side=64,
     )
     frame = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     result = seg.segment(frame)
@@ -349,6 +625,24 @@ def test_segmenter_runs_cliper(make_segmenter):
     assert np.all((result.confidence >= 0) & (result.confidence <= 1))
     seg.update(mode="slide", crop=32, stride=16)
     assert seg.segment(frame).labels.shape == (50, 70)
+
+
+def test_segmenter_labels_are_the_official_labels(make_segmenter):
+    # Through Segmenter.segment: a 48 x 64 frame at short side 48 is the model input itself, so
+    # the one bilinear upsampling of the official code is the engine's.
+    rules = {"score_threshold": 0.3, "bkg_thre": 0.6, "is_normalize": True}
+    seg = make_segmenter(
+        method="cliper", vocabulary=VOCAB, background_words=BACKGROUND, method_params=rules,
+        short_side=48,
+    )  # fmt: skip
+    frame = np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    image = seg.backbone.normalize(torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255)
+    with torch.inference_mode():
+        s_c, _ = seg.method.coarse(seg.backbone, image, seg.vocabulary)
+    official = ref_official_labels(s_c, s_c.amax(dim=(-1, -2)), (48, 64), 0.3, 0.6, True)
+    expected = as_classes(official, seg.vocabulary)[0].numpy()
+    assert 0 < (expected == 255).mean() < 1
+    np.testing.assert_array_equal(seg.segment(frame).labels, expected)
 
 
 def test_cliper_without_background_words_warns_once(make_segmenter, caplog):
@@ -411,7 +705,8 @@ def test_cliper_is_registered_with_published_defaults():
     p = described["params"]
     assert p["logit_scale"] == 0.0 and p["select_layer"] == 0  # auto: 100 / -1 for ViT-B
     assert p["attention_thr"] == 0.2
-    assert (p["score_threshold"], p["bkg_thre"]) == (0.7, 0.6)
+    assert (p["score_threshold"], p["bkg_thre"], p["is_normalize"]) == (0.7, 0.6, True)  # VOC21
+    assert p["pos_interpolation"] == "bilinear_fp16" and p["early_ln_1"] is True
     assert p["fgc"] is False
     assert p["fgc_model"] == "stabilityai/stable-diffusion-2-1-base"
     assert p["fgc_layers"].split(",") == [
@@ -432,6 +727,7 @@ def test_cliper_is_registered_with_published_defaults():
         ("fgc_num_steps", 0),
         ("fgc_layers", " , "),
         ("fgc_model", ""),
+        ("pos_interpolation", "nearest"),
     ],
 )
 def test_invalid_parameters_raise(key, value):
@@ -442,6 +738,8 @@ def test_invalid_parameters_raise(key, value):
 def test_string_overrides_are_coerced():
     p = make_params("cliper", {"fgc": "true", "select_layer": "-2", "bkg_thre": "0.45"})
     assert p.fgc is True and p.select_layer == -2 and p.bkg_thre == 0.45
+    p = make_params("cliper", {"is_normalize": "false", "early_ln_1": "on"})
+    assert p.is_normalize is False and p.early_ln_1 is True
 
 
 # --- FGC on a tiny random Stable Diffusion ---------------------------------------------------
@@ -633,7 +931,9 @@ def test_cliper_with_fgc_through_segmenter(make_segmenter, monkeypatch):
         )
 
     monkeypatch.setattr(fgc_lib, "load_stable_diffusion", fake_load)
-    params = {"score_threshold": 0.0, "bkg_thre": 0.3}
+    # is_normalize off: the tiny random UNet's S_f is flat to 1e-6, so min-max normalising it
+    # would compare float rounding noise (and FGC's labels are exact to a relative 1e-5 only).
+    params = {"score_threshold": 0.0, "bkg_thre": 0.3, "is_normalize": False}
     seg = make_segmenter(
         method="cliper",
         vocabulary=VOCAB,
@@ -655,7 +955,7 @@ def test_cliper_with_fgc_through_segmenter(make_segmenter, monkeypatch):
     assert result.labels.shape == (48, 64)
     assert 0 < result.timings["fgc"] <= result.timings["model"]
     assert len(loads) == 1  # loaded once, reused
-    # The labelling of the FGC path equals the reference on S_c and S_f.
+    # The labelling of the FGC path is the official one on S_f with the half-half score.
     image = seg.backbone.normalize(torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255)
     vocab = seg.vocabulary
     with torch.inference_mode():
@@ -663,8 +963,15 @@ def test_cliper_with_fgc_through_segmenter(make_segmenter, monkeypatch):
         s_f = method.fgc_model(seg.backbone).compensate(
             (image * seg.backbone.std + seg.backbone.mean).clamp(0, 1), s_c, 0.2
         )
-    expected = ref_labels(s_c, s_f, vocab, (48, 64), 0.0, 0.3)[0]
-    torch.testing.assert_close(segmenter_labels(refined[None], vocab)[0], expected)
+        grid = method.logits(seg.backbone, image, vocab)[0]
+    score = 0.5 * s_f.amax(dim=(-1, -2)) + 0.5 * s_c.amax(dim=(-1, -2))
+    official = ref_official_labels(s_f, score, (48, 64), 0.0, 0.3, False)
+    expected = as_classes(official, vocab)[0]
+    # The pixel step on the maps at the model input (which is the frame here) ...
+    pixel = method.pixel_logits(refined, grid, slice(None), vocab)
+    torch.testing.assert_close(segmenter_labels(pixel[None], vocab)[0], expected)
+    # ... and Segmenter.segment.
+    np.testing.assert_array_equal(result.labels, expected.numpy())
     # Switching FGC off releases the Stable Diffusion model of the method swapped out.
     assert method._fgc is not None
     seg.set_method("cliper", params)

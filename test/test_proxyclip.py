@@ -7,6 +7,7 @@ proxy model is loaded only when the method is used, on CLIP's device and dtype, 
 a switch to a method that does not need it.
 """
 
+import copy
 import gc
 import logging
 import weakref
@@ -18,6 +19,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import TINY_CONFIG
+from pos_reference import official_table
 
 from ovseg_ros import cli
 from ovseg_ros.engine import Backbone, ModelLoadError, Segmenter, SegmenterConfig, create_method
@@ -29,7 +31,12 @@ from ovseg_ros.engine.vfm import VFM_SPECS, VFMSpec, load_vfm, register_vfm
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 DINO8 = register_vfm(VFMSpec("test-tiny-dino8", "vit_base_patch8_224.dino", model_kwargs=TINY_VIT))
 DINOV2 = register_vfm(
-    VFMSpec("test-tiny-dinov2-reg", "vit_base_patch14_reg4_dinov2.lvd142m", model_kwargs=TINY_VIT)
+    VFMSpec(
+        "test-tiny-dinov2-reg",
+        "vit_base_patch14_reg4_dinov2.lvd142m",
+        model_kwargs=TINY_VIT,
+        pos_interpolation="bicubic_antialias",
+    )
 )
 #: Only the lifecycle tests use this one, so no other test holds (shares) its loaded model.
 LIFE = register_vfm(VFMSpec("test-tiny-life", "vit_base_patch8_224.dino", model_kwargs=TINY_VIT))
@@ -66,10 +73,37 @@ def ref_attention(feats, beta=1.2, gamma=3.0):
     return out
 
 
+def reference_table(proxy, grid):
+    """The official positional table of the proxy on a grid, (1, P + h*w, D).
+
+    DINO (facebookresearch/dino interpolate_pos_encoding): bicubic with scale factor (g + 0.1) /
+    28, from pos_reference's float64 loop; DINOv2 with registers (interpolate_offset 0,
+    antialias): timm's own resize, which is that.
+    """
+    model = proxy.model
+    pos = model.pos_embed.detach()
+    gh, gw = model.patch_embed.grid_size
+    if tuple(grid) == (gh, gw):
+        return pos
+    prefix = 0 if model.no_embed_class else 1
+    if proxy.spec.pos_interpolation == "bicubic_antialias":
+        return timm.layers.resample_abs_pos_embed(pos, grid, (gh, gw), num_prefix_tokens=prefix)
+    patches = official_table(pos[0, prefix:].reshape(gh, gw, -1), grid).float()
+    return torch.cat([pos[:, :prefix], patches.reshape(1, grid[0] * grid[1], -1)], dim=1)
+
+
 def ref_features(proxy, clip_images, prefix):
-    """CLIP-normalised -> RGB -> ImageNet-normalised; last-layer tokens without prefix; L2."""
+    """CLIP-normalised -> RGB -> ImageNet-normalised; last-layer tokens without prefix; L2.
+
+    timm's own forward_features on a copy of the model whose native grid is the input's and whose
+    table is the official one for it (so timm does not resize anything).
+    """
     rgb = clip_images * CLIP_STD + CLIP_MEAN
-    tokens = proxy.model.forward_features((rgb - IMAGENET_MEAN) / IMAGENET_STD)
+    grid = (clip_images.shape[-2] // proxy.patch_size, clip_images.shape[-1] // proxy.patch_size)
+    model = copy.deepcopy(proxy.model)
+    model.pos_embed = torch.nn.Parameter(reference_table(proxy, grid), requires_grad=False)
+    model.patch_embed.grid_size = grid
+    tokens = model.forward_features((rgb - IMAGENET_MEAN) / IMAGENET_STD)
     return F.normalize(tokens[:, prefix:], dim=-1)
 
 
@@ -178,6 +212,38 @@ def test_vfm_features(spec, patch, prefix, tiny_backbone):
     torch.testing.assert_close(feats, ref_features(proxy, clip_images, prefix))
     with pytest.raises(ValueError, match="multiple"):
         proxy.features(clip_images[..., :-1])
+
+
+@pytest.mark.parametrize("grid", [(3, 5), (6, 10), (42, 42), (14, 14)])
+def test_dino_positional_table_is_the_official_sampling(grid):
+    proxy = load_vfm(DINO8.name, "none", torch.device("cpu"), torch.float32)
+    native = proxy.model.pos_embed
+    assert tuple(proxy.model.patch_embed.grid_size) == (28, 28)
+    table = proxy.positional_embedding(*grid)
+    assert table.shape == (1, 1 + grid[0] * grid[1], 32)
+    torch.testing.assert_close(table[:, 0], native[:, 0])  # the CLS row is kept
+    expected = official_table(native[0, 1:].reshape(28, 28, -1), grid)
+    torch.testing.assert_close(
+        table[0, 1:].double(), expected.reshape(-1, 32), atol=2e-6, rtol=1e-5
+    )
+    # timm's dynamic_img_size (antialiased bicubic by size) samples otherwise.
+    timm_table = timm.layers.resample_abs_pos_embed(native, grid, (28, 28), num_prefix_tokens=1)
+    assert (timm_table - table).abs().max() > 1e-4
+    assert proxy.positional_embedding(*grid) is table  # cached per grid
+
+
+def test_proxy_tables_at_the_native_grid_and_for_dinov2():
+    dino = load_vfm(DINO8.name, "none", torch.device("cpu"), torch.float32)
+    assert torch.equal(dino.positional_embedding(28, 28), dino.model.pos_embed)
+    # DINOv2 with registers: antialiased bicubic by size of the patch rows only (no class row),
+    # which is what timm does for it.
+    v2 = load_vfm(DINOV2.name, "none", torch.device("cpu"), torch.float32)
+    native = v2.model.pos_embed
+    assert native.shape[1] == 37 * 37  # no prefix rows
+    timm_table = timm.layers.resample_abs_pos_embed(native, (4, 6), (37, 37), num_prefix_tokens=0)
+    torch.testing.assert_close(v2.positional_embedding(4, 6), timm_table)
+    with pytest.raises(ValueError, match="pos_interpolation"):
+        VFMSpec("bad", "vit_base_patch8_224.dino", pos_interpolation="bilinear")
 
 
 # --- the method ----------------------------------------------------------------------------

@@ -22,6 +22,16 @@ Weights (`weights` argument, the `vfm_weights` method parameter):
 The model runs on the CLIP backbone's device and dtype. Its input is the CLIP-normalised image
 converted back to RGB and normalised with the VFM's own mean/std (ImageNet's for DINO/DINOv2), as
 in the published code; H and W must be multiples of the VFM's patch size.
+
+Positional embeddings off the native grid follow the code the published method loads
+(``torch.hub`` in ProxyCLIP), not timm's ``dynamic_img_size`` resize (antialiased bicubic by
+size): DINO's ``interpolate_pos_encoding`` (facebookresearch/dino, vision_transformer.py) resizes
+with ``scale_factor=((h + 0.1) / 28, (w + 0.1) / 28)``, bicubic, no antialiasing, exactly as the
+CLIP codes do (backbone.resample_positions, style 'bicubic'); DINOv2 with registers
+(``dinov2_vitb14_reg``: interpolate_offset 0, interpolate_antialias True) resizes by size with
+antialiased bicubic, which is timm's resize (style 'bicubic_antialias'). The table is the model's
+own at the native grid, computed in float32 and cast to the model dtype otherwise, and cached per
+grid. VFMSpec.pos_interpolation says which; the tokens are then built as timm builds them.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import ModelLoadError, _offline_unless_reachable
+from .backbone import POS_STYLES, ModelLoadError, _offline_unless_reachable, resample_positions
 
 log = logging.getLogger("ovseg_ros.engine")
 
@@ -51,6 +61,17 @@ class VFMSpec:
     summary: str = ""
     # Extra timm.create_model keyword arguments (tests shrink embed_dim/depth/heads here).
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # How the official code resizes the positional table off the native grid (backbone
+    # POS_STYLES): 'bicubic' = DINO's +0.1 scale factor, 'bicubic_antialias' = DINOv2-reg's.
+    pos_interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        """Reject an unknown positional-table style at registration."""
+        if self.pos_interpolation not in POS_STYLES:
+            raise ValueError(
+                f"VFMSpec {self.name!r}: pos_interpolation must be one of {POS_STYLES}, got "
+                f"{self.pos_interpolation!r}"
+            )
 
 
 VFM_SPECS: dict[str, VFMSpec] = {}
@@ -70,6 +91,7 @@ register_vfm(
         "dinov2_vitb14_reg",
         "vit_base_patch14_reg4_dinov2.lvd142m",
         "DINOv2 ViT-B/14 with registers (Darcet et al. 2024)",
+        pos_interpolation="bicubic_antialias",
     )
 )
 
@@ -118,6 +140,8 @@ class ProxyModel:
         self.std = torch.tensor(std, **kw).view(1, 3, 1, 1)
         self.clip_mean = torch.as_tensor(clip_mean, **kw).view(1, 3, 1, 1)
         self.clip_std = torch.as_tensor(clip_std, **kw).view(1, 3, 1, 1)
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._pos_lock = threading.Lock()
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid of an image whose sides are multiples of the patch size."""
@@ -131,11 +155,56 @@ class ProxyModel:
         rgb = clip_images.float() * self.clip_std + self.clip_mean
         return ((rgb - self.mean) / self.std).to(self.dtype)
 
+    def positional_embedding(self, h: int, w: int) -> torch.Tensor:
+        """(1, P + h*w, D) positional table of an h x w grid (P: prefix rows), cached per grid.
+
+        The model's own table at its native grid; otherwise the patch rows resampled in float32
+        as spec.pos_interpolation says (module docstring) and cast to the model dtype.
+        """
+        table = self._pos_cache.get((h, w))
+        if table is not None:
+            return table
+        model = self.model
+        pos = model.pos_embed.detach()
+        gh, gw = (int(g) for g in model.patch_embed.grid_size)
+        prefix = 0 if model.no_embed_class else int(model.num_prefix_tokens)
+        if (h, w) == (gh, gw):
+            table = pos
+        else:
+            grid = pos[:, prefix:].float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+            grid = resample_positions(grid, (h, w), self.spec.pos_interpolation)
+            patches = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+            table = torch.cat([pos[:, :prefix].float(), patches], dim=1).to(pos.dtype)
+        with self._pos_lock:
+            self._pos_cache[(h, w)] = table
+        return table
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's forward_features with the official positional table: (B, P + h*w, D)."""
+        model = self.model
+        x = model.patch_embed(x)
+        if x.ndim == 4:  # dynamic_img_size: (B, h, w, D)
+            b, h, w, d = x.shape
+            x = x.reshape(b, h * w, d)
+        else:  # a fixed-size model: its native grid
+            h, w = (int(g) for g in model.patch_embed.grid_size)
+        pos = self.positional_embedding(h, w)
+        prefix = [getattr(model, "cls_token", None), getattr(model, "reg_token", None)]
+        prefix = [t.expand(x.shape[0], -1, -1) for t in prefix if t is not None]
+        # As timm's _pos_embed: tables without class rows are added before the prefix tokens
+        # are put in front (DINOv2 layout), tables with them after.
+        if model.no_embed_class:
+            x = torch.cat([*prefix, x + pos], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos
+        x = model.norm_pre(model.patch_drop(model.pos_drop(x)))
+        return model.norm(model.blocks(x))
+
     @torch.inference_mode()
     def features(self, clip_images: torch.Tensor) -> torch.Tensor:
         """(B, h*w, D) float32 L2-normalised last-layer patch tokens (row-major on the grid)."""
         self.grid(*clip_images.shape[-2:])
-        tokens = self.model.forward_features(self.to_input(clip_images))
+        tokens = self.tokens(self.to_input(clip_images))
         return F.normalize(tokens[:, self.prefix_tokens :].float(), dim=-1)
 
 
