@@ -33,7 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "ovseg = ovseg_ros.cli:main",
-            "ovseg_node = ovseg_ros.ros.node:main",
+            "ovseg_node = ovseg_ros.ros.runner:main",
             "set_vocabulary = ovseg_ros.ros.set_vocabulary:main",
             "sample_camera = ovseg_ros.ros.sample_camera:main",
         ],

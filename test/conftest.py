@@ -88,3 +88,11 @@ def make_segmenter(tiny_backbone):
 def shared_data():
     """Path of ../shared/data (the test is skipped when it is absent)."""
     return sample_data_dir()
+
+
+@pytest.fixture
+def harness():
+    """Factory: harness(backbone=..., **parameters) starts the ROS node in-process (nodeharness)."""
+    from nodeharness import harness_factory
+
+    yield from harness_factory()

@@ -409,7 +409,12 @@ def test_set_vocabulary_executable():
             assert done.returncode == 0, out
             assert "vocabulary v2 " in done.stdout, out
             printed = re.findall(r"^\s+(\d+)\s+(.+?)\s*$", done.stdout, flags=re.MULTILINE)
-            assert printed == [("0", "door"), ("1", "chair"), ("2", "red mug  (also: coffee mug)")]
+            assert printed == [
+                ("0", "door  [masks/door]"),
+                ("1", "chair  [masks/chair]"),
+                ("2", "red mug  (also: coffee mug)  [masks/red_mug]"),
+            ]
+            assert "for label images stamped from" in done.stdout
 
             # The node announces the same map (latched), and frames sent after it use its ids.
             def announced_v2() -> bool:

@@ -8,8 +8,10 @@ import pytest
 import yaml
 
 from ovseg_ros.engine.config import SegmenterConfig
+from ovseg_ros.engine.methods import describe_methods
 from ovseg_ros.ros import params as P
-from ovseg_ros.ros.node import choose_reliability, mask_slugs, percentile, topic_slug
+from ovseg_ros.ros.diagnostics import percentile
+from ovseg_ros.ros.node import choose_reliability
 
 REPO = Path(__file__).resolve().parents[1]
 YAML_FILE = REPO / "config" / "ovseg.yaml"
@@ -64,10 +66,37 @@ def test_yaml_file_is_the_generated_one():
 def test_yaml_holds_every_parameter_with_its_default():
     values = _yaml_params()
     specs = P.parameter_specs()
-    assert set(values) == {s.name for s in specs}
+    methods = P.method_parameters()
+    assert set(values) == {s.name for s in specs} | {m.name for m in methods}
     for spec in specs:
         assert values[spec.name] == spec.default, spec.name
         assert type(values[spec.name]) is type(spec.default), spec.name
+    for mp in methods:
+        assert values[mp.name] == mp.default and type(values[mp.name]) is type(mp.default)
+
+
+def test_every_method_hyper_parameter_is_a_parameter_with_its_published_default():
+    names = {m.name: m for m in P.method_parameters()}
+    for method in describe_methods():
+        for key, default in method["params"].items():
+            mp = names.pop(f"method_params.{method['name']}.{key}")
+            assert mp.default == default and mp.method == method["name"] and mp.field == key
+    assert not names
+    # Shared names keep each method's own default (one method_params.logit_scale could not).
+    defaults = {m.name: m.default for m in P.method_parameters()}
+    assert defaults["method_params.naclip.logit_scale"] == 40.0
+    assert defaults["method_params.clip.logit_scale"] == 100.0
+
+
+def test_method_overrides_are_the_chosen_methods_changed_values():
+    values = {
+        "method_params.naclip.sigma": 3.0,
+        "method_params.naclip.logit_scale": 40.0,  # the default: not an override
+        "method_params.sclip.logit_scale": 65.0,
+    }
+    assert P.method_overrides(values, "naclip") == {"sigma": 3.0}
+    assert P.method_overrides(values, "sclip") == {"logit_scale": 65.0}
+    assert P.method_overrides(values, "clip") == {}
 
 
 def test_contract_parameters_are_all_declared():
@@ -117,7 +146,8 @@ def test_split_values_builds_both_configs():
     cfg, options = P.split_values(
         {
             "method": "sclip",
-            "method_params.logit_scale": 30.0,
+            "method_params.sclip.logit_scale": 30.0,
+            "method_params.naclip.sigma": 2.0,  # another method's: not used by sclip
             "input.short_side": 224,
             "cameras": ["front", "rear"],
             "max_rate_hz": 2.5,
@@ -158,17 +188,6 @@ def test_choose_reliability():
     assert choose_reliability([R.RELIABLE, R.RELIABLE]) == R.RELIABLE
     assert choose_reliability([R.RELIABLE, R.BEST_EFFORT]) == R.BEST_EFFORT
     assert choose_reliability([R.BEST_EFFORT]) == R.BEST_EFFORT
-
-
-def test_topic_slugs_are_topic_safe_and_unique():
-    assert topic_slug("Red Mug") == "red_mug"
-    assert topic_slug("potted-plant (big)") == "potted_plant_big"
-    assert topic_slug("3d printer") == "c_3d_printer"
-    assert topic_slug("???") == "class"
-    slugs = mask_slugs(["red mug", "Red-Mug", "door"])
-    assert slugs == ["red_mug_0", "red_mug_1", "door"]
-    for slug in slugs:
-        assert re.fullmatch(r"[a-z][a-z0-9_]*", slug)
 
 
 def test_percentile():

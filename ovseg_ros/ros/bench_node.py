@@ -255,6 +255,10 @@ def _stream(
         pub.publish(msg)
         sent.append(key)
 
+    # Counters are read while the worker is idle: a frame of the earlier phase still in hand
+    # would otherwise count as processed in this phase without having been received in it.
+    worker = getattr(node, "_worker", None)
+    spin_until(lambda: worker is None or not worker.busy.is_set(), 10.0)
     before = _node_counters(node)
     timer = peer.create_timer(1.0 / rate, tick)
     start = time.monotonic()

@@ -17,6 +17,9 @@ from typing import Any
 from ..engine.config import SegmenterConfig, _opt, check_fields, parameter_fields
 
 TRANSPORTS = ("raw", "compressed")
+OVERSIZE = ("reject", "downscale")
+#: Default largest input frame: 4K UHD (3840 x 2160).
+DEFAULT_MAX_PIXELS = 3840 * 2160
 INPUT_QOS = ("auto", "sensor_data", "reliable")
 OUTPUT_QOS = ("reliable", "sensor_data")
 
@@ -32,6 +35,28 @@ class NodeOptions:
             "raw: subscribe <camera>/image (sensor_msgs/Image); compressed: subscribe "
             "<camera>/image/compressed (sensor_msgs/CompressedImage, jpeg or png)",
             choices=TRANSPORTS,
+        ),
+    )
+    max_pixels: int = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata=_opt(
+            "input.max_pixels",
+            "largest input frame in pixels (width x height); a raw frame is checked from its "
+            "width and height, a compressed one from its header, before anything is decoded. "
+            "Default: 4K (3840 x 2160)",
+            lo=1,
+            hi=16384 * 16384,
+            runtime=True,
+        ),
+    )
+    oversize: str = field(
+        default="reject",
+        metadata=_opt(
+            "input.oversize",
+            "a frame over input.max_pixels: reject (counted in /diagnostics) or downscale (raw "
+            "frames resized, JPEG decoded at 1/2, 1/4 or 1/8; PNG over the limit is rejected)",
+            choices=OVERSIZE,
+            runtime=True,
         ),
     )
     input_qos: str = field(
@@ -93,6 +118,17 @@ class NodeOptions:
         metadata=_opt(
             "publish.masks",
             "publish ~/masks/<class> (0/255); only masks with subscribers are computed",
+            runtime=True,
+        ),
+    )
+    masks_advertised: int = field(
+        default=64,
+        metadata=_opt(
+            "publish.masks_advertised",
+            "the first this many classes get their ~/masks/<class> topics at once; any other "
+            "class's topic appears when something subscribes to it (within a second)",
+            lo=0,
+            hi=1024,
             runtime=True,
         ),
     )
@@ -199,23 +235,72 @@ def parameter_specs() -> list[ParamSpec]:
 METHOD_PARAMS_PREFIX = "method_params."
 
 
-def method_param_name(hyper_parameter: str) -> str:
-    """ROS name of a method hyper-parameter override."""
-    return METHOD_PARAMS_PREFIX + hyper_parameter
+def method_param_name(method: str, hyper_parameter: str) -> str:
+    """ROS name of a method's hyper-parameter, e.g. method_params.naclip.sigma."""
+    return f"{METHOD_PARAMS_PREFIX}{method}.{hyper_parameter}"
+
+
+@dataclass(frozen=True)
+class MethodParam:
+    """One method hyper-parameter as a ROS parameter: its value is the published default."""
+
+    name: str  # method_params.<method>.<field>
+    method: str
+    field: str
+    default: Any
+    description: str
+
+
+def method_parameters() -> list[MethodParam]:
+    """Every registered method's hyper-parameters, as ROS parameters with their defaults."""
+    from ..engine.methods import describe_methods
+
+    out = []
+    for method in describe_methods():
+        for key, default in method["params"].items():
+            out.append(
+                MethodParam(
+                    name=method_param_name(method["name"], key),
+                    method=method["name"],
+                    field=key,
+                    default=default,
+                    description=(
+                        f"{method['name']} hyper-parameter {key!r} (published default "
+                        f"{default!r}); used while method is {method['name']}"
+                    ),
+                )
+            )
+    return out
+
+
+def method_overrides(values: dict[str, Any], method: str) -> dict[str, Any]:
+    """The hyper-parameters of `method` among parameter values that differ from its defaults."""
+    prefix = f"{METHOD_PARAMS_PREFIX}{method}."
+    defaults = {mp.field: mp.default for mp in method_parameters() if mp.method == method}
+    return {
+        key[len(prefix) :]: value
+        for key, value in values.items()
+        if key.startswith(prefix)
+        and key[len(prefix) :] in defaults
+        and value != defaults[key[len(prefix) :]]
+    }
 
 
 def split_values(values: dict[str, Any]) -> tuple[SegmenterConfig, NodeOptions]:
     """Build and validate the engine config and node options from ROS parameter values.
 
-    `values` maps parameter names to values (method_params.* included); a missing name keeps its
-    default. Raises ValueError naming the parameter for anything invalid.
+    `values` maps parameter names to values (method_params.<method>.* included: those of the
+    chosen method that differ from its defaults become the engine's method_params); a missing name
+    keeps its default. Raises ValueError naming the parameter for anything invalid.
     """
     engine: dict[str, Any] = {}
     node: dict[str, Any] = {}
     by_name = {s.name: s for s in parameter_specs()}
+    method = values.get("method", SegmenterConfig().method)
+    for key, value in method_overrides(values, method).items():
+        engine[f"{METHOD_PARAMS_PREFIX}{key}"] = value
     for name, value in values.items():
         if name.startswith(METHOD_PARAMS_PREFIX):
-            engine[name] = value
             continue
         spec = by_name.get(name)
         if spec is None:
@@ -286,9 +371,9 @@ YAML_HEADER = """\
 # Parameters marked [run time] can also be changed while the node runs (ros2 param set);
 # [read-only] ones are fixed at start-up.
 #
-# Method hyper-parameters are overridden with method_params.<name>, e.g.
-#     method_params.sigma: 5.0          # NACLIP's Gaussian window
-# (`ovseg methods` lists every method with its parameters and published defaults.)
+# Method hyper-parameters are method_params.<method>.<name> (listed at the end with their
+# published defaults), e.g. method_params.naclip.sigma: 5.0 is NACLIP's Gaussian window; each
+# applies while its method is in use. `ovseg methods` explains them.
 """
 
 
@@ -308,6 +393,13 @@ def default_yaml() -> str:
                 lines.extend(f"      - {_yaml_scalar(v)}" for v in spec.default)
         else:
             lines.append(f"    {spec.name}: {_yaml_scalar(spec.default)}")
+    lines += ["", "    # --- method hyper-parameters (published defaults; [run time]) ---"]
+    method = ""
+    for mp in method_parameters():
+        if mp.method != method:
+            method = mp.method
+            lines += ["", f"    # {method}"]
+        lines.append(f"    {mp.name}: {_yaml_scalar(mp.default)}")
     return "\n".join(lines) + "\n"
 
 

@@ -39,6 +39,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 
+from .classmap import ClassMapHistory
 from .codec import ImageDecodeError, image_to_rgb, msg_to_array
 
 try:  # Humble has ExternalShutdownException too; the fallback only guards older releases.
@@ -477,6 +478,7 @@ class VocabularyMap:
     version: Any
     unlabeled: int | None
     names: dict[int, str]
+    stamp: int = 0  # ns: label images stamped from here on use this map (the node's rule)
 
 
 def parse_vocabulary_json(text: str) -> VocabularyMap:
@@ -501,7 +503,16 @@ def parse_vocabulary_json(text: str) -> VocabularyMap:
     unlabeled = data.get("unlabeled")
     if not isinstance(unlabeled, int) or isinstance(unlabeled, bool):
         unlabeled = None
-    return VocabularyMap(version=data.get("version"), unlabeled=unlabeled, names=names)
+    stamp = data.get("stamp")
+    stamp_ns = 0
+    if isinstance(stamp, dict):
+        try:
+            stamp_ns = int(stamp.get("sec", 0)) * 1_000_000_000 + int(stamp.get("nanosec", 0))
+        except (TypeError, ValueError):
+            stamp_ns = 0
+    return VocabularyMap(
+        version=data.get("version"), unlabeled=unlabeled, names=names, stamp=stamp_ns
+    )
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -538,7 +549,9 @@ class Stats:
         self.latency_max: float | None = None
         self.last_output_time: float | None = None
         self.last_labels: np.ndarray | None = None
-        self.vocabulary: VocabularyMap | None = None
+        self.vocabulary: VocabularyMap | None = None  # the newest class map
+        self.history = ClassMapHistory()  # the last class maps, to pair label images by stamp
+        self.last_map: VocabularyMap | None = None  # the class map of last_labels
         self.vocabulary_error: str | None = None
         self._window_start = start
         self._window_published = 0
@@ -558,9 +571,11 @@ class Stats:
         labels: np.ndarray | None = None,
         *,
         ours: bool = True,
+        stamp_ns: int | None = None,
     ) -> None:
         """One label image arrived; ``latency_s`` None when its stamp is unusable, ``ours``
-        False when it was computed from a frame another publisher sent."""
+        False when it was computed from a frame another publisher sent. With its stamp, the
+        class map it uses is picked by the node's pairing rule (classmap.ClassMapHistory)."""
         self.outputs += 1
         self.foreign += int(not ours)
         self._window_outputs += 1
@@ -574,6 +589,9 @@ class Stats:
             self._window_latencies.append(latency_s)
         if labels is not None:
             self.last_labels = labels
+            self.last_map = (
+                self.history.lookup(stamp_ns) if stamp_ns is not None else self.vocabulary
+            )
 
     def overlay_received(self, saved: bool = False) -> None:
         self.overlays += 1
@@ -587,6 +605,10 @@ class Stats:
             self.vocabulary_error = str(exc)
             return self.vocabulary_error
         self.vocabulary_error = None
+        version = self.vocabulary.version
+        self.history.add(
+            self.vocabulary.stamp, version if isinstance(version, int) else 0, self.vocabulary
+        )
         return None
 
     # --- derived values --------------------------------------------------------------------
@@ -601,7 +623,7 @@ class Stats:
         labels = self.last_labels
         if labels is None or labels.size == 0:
             return [], 0.0
-        vocab = self.vocabulary
+        vocab = self.last_map if self.last_map is not None else self.vocabulary
         unlabeled = vocab.unlabeled if vocab is not None else None
         if unlabeled is None:
             unlabeled = 65535 if labels.dtype == np.uint16 else 255
@@ -991,7 +1013,7 @@ class SampleCameraNode(Node):
             labels = msg_to_array(msg)
         except ImageDecodeError as exc:
             self._warn_once("labels", f"cannot decode {self.labels_topic}: {exc}")
-        self.stats.output_received(self._monotonic(), latency, labels, ours=ours)
+        self.stats.output_received(self._monotonic(), latency, labels, ours=ours, stamp_ns=stamp_ns)
         if self._publishing_done_at is not None and not self.finished:
             self._check_linger(self._monotonic())
 

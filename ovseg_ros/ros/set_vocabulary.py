@@ -38,12 +38,20 @@ def matches(class_map: dict[str, Any], entries: list[str]) -> bool:
 
 
 def format_class_map(class_map: dict[str, Any]) -> str:
-    """Human-readable class map: version, then one line per class with its synonyms."""
-    lines = [f"vocabulary v{class_map.get('version')} (unlabeled = {class_map.get('unlabeled')}):"]
+    """Human-readable class map: version and stamp, then one line per class (synonyms, mask)."""
+    head = f"vocabulary v{class_map.get('version')} (unlabeled = {class_map.get('unlabeled')})"
+    stamp = class_map.get("stamp")
+    if isinstance(stamp, dict):
+        head += (
+            f", for label images stamped from {stamp.get('sec', 0)}."
+            f"{int(stamp.get('nanosec', 0)):09d} s on"
+        )
+    lines = [head + ":"]
     for c in class_map.get("classes", []):
         synonyms = [s for s in c.get("synonyms", []) if s != c.get("name")]
         extra = f"  (also: {', '.join(synonyms)})" if synonyms else ""
-        lines.append(f"  {c.get('id'):>3}  {c.get('name')}{extra}")
+        mask = f"  [masks/{c['mask']}]" if c.get("mask") else ""
+        lines.append(f"  {c.get('id'):>3}  {c.get('name')}{extra}{mask}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,386 @@
+"""Issue 10, in-process: what a hostile or careless client does to the node, and what it must get.
+
+Real rclpy (the wheels), DDS on this host, a domain per test, the tiny random-weight model; the
+harness of test_node.py (a peer node in the same context streams frames and listens). The process
+level (signals, parameter files, peak memory, churn under a real executor) is test_node_signals.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+from nodeharness import LATCHED, sample_frame
+from rcl_interfaces.srv import GetParameters, ListParameters
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import String
+
+from ovseg_ros.engine.text import MAX_CLASSES
+from ovseg_ros.ros import diagnostics as D
+from ovseg_ros.ros import node as node_module
+from ovseg_ros.ros.classmap import ClassMapHistory, stamp_ns
+from ovseg_ros.ros.codec import REJECTION_KINDS, msg_to_array, rgb_to_msg
+from ovseg_ros.ros.masks import mask_slugs
+
+pytestmark = pytest.mark.ros
+
+
+def _stream_frames(h, width=160, height=120):
+    pub = h.publisher("image")
+    msg = rgb_to_msg(sample_frame(width, height), None)
+
+    def publish() -> None:
+        h.stamp(msg)
+        pub.publish(msg)
+
+    return publish
+
+
+def _mask_topics(h) -> set[str]:
+    return {
+        name
+        for name, _ in h.node.get_publisher_names_and_types_by_node("ovseg", "/")
+        if "/masks/" in name
+    }
+
+
+# --- item 7: mask topics -----------------------------------------------------------------------
+
+
+def test_look_alike_class_names_get_one_topic_each_and_none_leaks(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone)
+    look_alike = ["red mug", "red-mug", "red_mug_1", "door"]
+    [r] = h.set_parameters(Parameter("vocabulary", value=look_alike))
+    assert r.successful
+    h.wait_reconfigured()
+    expected = {f"/ovseg/masks/{s}" for s in mask_slugs(look_alike)}
+    assert len(expected) == 4
+    assert h.spin_until(lambda: _mask_topics(h) == expected, timeout=10), _mask_topics(h)
+    for _ in range(3):  # back and forth: every publisher goes with its class
+        for vocabulary in (["door", "window"], look_alike):
+            [r] = h.set_parameters(Parameter("vocabulary", value=vocabulary))
+            assert r.successful
+            h.wait_reconfigured()
+            want = {f"/ovseg/masks/{s}" for s in mask_slugs(vocabulary)}
+            assert h.spin_until(lambda w=want: _mask_topics(h) == w, timeout=10)
+    assert h.node.masks.count("") == 4
+
+
+# --- item 8: large vocabularies -------------------------------------------------------------------
+
+
+def test_classes_beyond_the_advertised_get_their_mask_topic_on_subscription(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone, publish__masks_advertised=2)
+    names = [f"class {i}" for i in range(50)]
+    [r] = h.set_parameters(Parameter("vocabulary", value=names))
+    assert r.successful
+    h.wait_reconfigured()
+    assert h.spin_until(lambda: len(_mask_topics(h)) == 2, timeout=10)
+    masks = h.collect("/ovseg/masks/class_40")  # not advertised: created when subscribed
+    labels = h.collect("/ovseg/labels")
+    publish = _stream_frames(h)
+    assert h.stream(publish, lambda: bool(masks) and bool(labels), timeout=30)
+    assert "/ovseg/masks/class_40" in _mask_topics(h)
+    mask = msg_to_array(masks[-1][1])
+    assert set(np.unique(mask).tolist()) <= {0, 255}
+
+
+def test_vocabulary_size_limit_and_bounded_messages(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone)
+    [r] = h.set_parameters(Parameter("vocabulary", value=[f"c{i}" for i in range(MAX_CLASSES + 1)]))
+    assert not r.successful and str(MAX_CLASSES) in r.reason and len(r.reason) < 300
+    huge = "x" * 200_000
+    [r] = h.set_parameters(Parameter("vocabulary", value=["door", huge]))
+    assert not r.successful and len(r.reason) < 300  # not 200,042 characters
+    [r] = h.set_parameters(Parameter("vocabulary", value=["door", "a;;b"]))
+    assert not r.successful and len(r.reason) < 300
+    names = [f"a rather long class name number {i}" for i in range(2000)]
+    [r] = h.set_parameters(Parameter("vocabulary", value=names))
+    assert r.successful
+    h.wait_reconfigured(timeout=120)
+    status = h.node.diagnostics()
+    size = sum(len(kv.key) + len(kv.value) for kv in status.values) + len(status.message)
+    assert size < 8000, size  # was the whole class list, every second
+    values = {kv.key: kv.value for kv in status.values}
+    assert values["vocabulary classes"] == "2000" and "more" in values["vocabulary"]
+
+
+def test_frames_keep_flowing_while_a_large_vocabulary_is_built(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone)
+    labels = h.collect("/ovseg/labels")
+    publish = _stream_frames(h)
+    assert h.stream(publish, lambda: len(labels) >= 2, timeout=30)
+    names = [f"thing number {i}" for i in range(5000)]
+    [r] = h.set_parameters(Parameter("vocabulary", value=names))
+    assert r.successful
+    start = len(labels)
+    assert h.stream(publish, lambda: not h.node.reconfiguring(), timeout=180)
+    assert h.stream(publish, lambda: h.node.masks.count("") == 64, timeout=30)
+    arrivals = [t for t, _ in labels[start:]]
+    assert len(arrivals) >= 3
+    assert max(np.diff(arrivals)) < 5.0  # labels never stopped (they stopped 17.9 s before)
+
+
+# --- item 9 and 10: pairing rule, LabelInfo --------------------------------------------------
+
+
+def test_every_published_label_image_pairs_with_its_class_map_by_stamp(harness, tiny_backbone):
+    """Churn while streaming; a client that handles every class map first still pairs right."""
+    h = harness(backbone=tiny_backbone)
+    node = h.node
+    truth: dict[tuple[int, str], int] = {}  # (stamp, frame_id) -> version actually used
+    publish_labels = node.cameras[""].labels_pub.publish
+
+    def spy(msg):
+        # Called under the node's output lock, right after the rule admitted the frame.
+        truth[(stamp_ns(msg.header), msg.header.frame_id)] = node._stamps.current.version
+        publish_labels(msg)
+
+    node.cameras[""].labels_pub.publish = spy
+    vocab = h.collect("/ovseg/vocabulary", String, LATCHED)
+    labels = h.collect("/ovseg/labels")
+    publish = _stream_frames(h, 96, 72)
+    assert h.stream(publish, lambda: len(labels) >= 2, timeout=30)
+    vocabularies = [["door", "window"], [f"c {i}" for i in range(12)], ["cat", "dog", "car"]]
+    for i in range(12):
+        [r] = h.set_parameters(Parameter("vocabulary", value=vocabularies[i % 3]))
+        assert r.successful
+        h.stream(publish, lambda: False, timeout=0.15, rate=30.0)
+    h.wait_reconfigured()
+    assert h.stream(publish, lambda: len(labels) >= 40, timeout=60, rate=30.0)
+    history = ClassMapHistory(size=64)
+    for _, msg in vocab:  # the worst order: every class map before any label image
+        data = json.loads(msg.data)
+        stamp = data["stamp"]["sec"] * 1_000_000_000 + data["stamp"]["nanosec"]
+        history.add(stamp, data["version"], data)
+    versions = {data["version"] for _, msg in vocab for data in [json.loads(msg.data)]}
+    assert len(versions) >= 5
+    for _, msg in labels:
+        key = (stamp_ns(msg.header), msg.header.frame_id)
+        chosen = history.lookup(key[0])
+        assert chosen is not None and chosen["version"] == truth[key], key
+        assert set(np.unique(msg_to_array(msg)).tolist()) <= set(range(len(chosen["classes"]))) | {
+            255
+        }
+
+
+def test_label_info_carries_threshold_and_frame_id(harness, tiny_backbone, monkeypatch):
+    sent = []
+
+    class FakeLabelInfoPub:
+        def publish(self, msg):
+            sent.append(msg)
+
+    monkeypatch.setattr(
+        node_module,
+        "label_info_msg",
+        lambda vocab, stamp, frame_id, threshold: (vocab.version, stamp, frame_id, threshold),
+    )
+    h = harness(backbone=tiny_backbone, prob_threshold=0.25)
+    h.node._label_info_pub = FakeLabelInfoPub()
+    labels = h.collect("/ovseg/labels")
+    publish = _stream_frames(h)
+    assert h.stream(publish, lambda: bool(labels), timeout=30)
+    assert sent and sent[-1][2] == "camera_optical" and sent[-1][3] == 0.25
+    [r] = h.set_parameters(Parameter("prob_threshold", value=0.5))
+    assert r.successful and sent[-1][3] == 0.5
+
+
+# --- item 11: every parameter has a value ---------------------------------------------------------
+
+
+def test_every_parameter_has_a_value_for_dump_get_and_rqt(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone)
+    lister = h.peer.create_client(ListParameters, "/ovseg/list_parameters")
+    names = h.call(lister, ListParameters.Request()).result.names
+    assert "cameras" in names and "method_params.naclip.sigma" in names
+    getter = h.peer.create_client(GetParameters, "/ovseg/get_parameters")
+    values = h.call(getter, GetParameters.Request(names=list(names))).values
+    assert len(values) == len(names)  # the bulk request ros2 param dump makes
+    unset = [n for n, v in zip(names, values, strict=True) if v.type == 0]
+    assert not unset, unset
+    by_name = dict(zip(names, values, strict=True))
+    assert list(by_name["cameras"].string_array_value) == []
+
+
+# --- item 4 and 5: memory bounded by the parameters ----------------------------------------------
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height (the decoder would allocate for that)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def test_oversize_frames_are_rejected_before_decoding(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone, input__transport="compressed")
+    pub = h.publisher("image/compressed", CompressedImage)
+    h.collect("/ovseg/labels")
+    stats = h.node.cameras[""].stats
+
+    def publish() -> None:
+        msg = CompressedImage(format="png", data=_png_claiming(12000, 12000))
+        h.stamp(msg)
+        pub.publish(msg)
+
+    assert h.stream(publish, lambda: stats.rejected["oversize"] >= 2, timeout=30)
+    assert "12000" in stats.last_rejection
+    values = {kv.key: kv.value for kv in h.node.diagnostics().values}
+    assert int(values["camera: rejected: oversize"]) >= 2
+
+
+def test_raw_frames_over_the_limit_are_rejected_or_downscaled(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone, input__max_pixels=160 * 120)
+    labels = h.collect("/ovseg/labels")
+    infos = h.collect("/ovseg/camera_info", CameraInfo)
+    info_pub = h.publisher("camera_info", CameraInfo)
+    stats = h.node.cameras[""].stats
+    big = _stream_frames(h, 640, 480)
+    info = CameraInfo(width=640, height=480)
+    info.k = [500.0, 0.0, 319.5, 0.0, 500.0, 239.5, 0.0, 0.0, 1.0]
+    info.p = [500.0, 0.0, 319.5, 0.0, 0.0, 500.0, 239.5, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+    def publish() -> None:
+        info_pub.publish(info)
+        big()
+
+    assert h.stream(publish, lambda: stats.rejected["oversize"] >= 2, timeout=30)
+    assert not labels
+    [r] = h.set_parameters(Parameter("input.oversize", value="downscale"))
+    assert r.successful
+    assert h.stream(publish, lambda: bool(labels) and bool(infos), timeout=30)
+    out = labels[-1][1]
+    assert (out.width, out.height) == (160, 120)
+    scaled = infos[-1][1]
+    assert (scaled.width, scaled.height) == (160, 120)
+    assert scaled.k[0] == pytest.approx(125.0) and scaled.k[2] == pytest.approx(79.5)
+
+
+def test_short_side_is_bounded_by_the_token_limit(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone)
+    [r] = h.set_parameters(Parameter("input.short_side", value=4096))
+    assert (
+        not r.successful
+        and "4096 patches" in h.node.describe_parameter("input.short_side").description
+    )
+    [r] = h.set_parameters(Parameter("input.short_side", value=1024))
+    assert r.successful
+
+
+# --- item 15: input QoS switch ---------------------------------------------------------------
+
+
+def test_input_qos_switch_loses_no_frame(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone)
+    cam = h.node.cameras[""]
+    assert cam.reliability == ReliabilityPolicy.BEST_EFFORT
+    received: list[str] = []  # frame ids handed to the worker's slot, in order
+    put = h.node.slots.put
+
+    def spy(frame):
+        received.append(frame.header.frame_id)
+        return put(frame)
+
+    h.node.slots.put = spy
+    pub = h.publisher("image", qos=QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    msg = rgb_to_msg(sample_frame(64, 48), None)
+    seq = {"n": 0}
+
+    def publish() -> None:
+        seq["n"] += 1
+        h.stamp(msg, frame_id=f"f{seq['n']}")
+        pub.publish(msg)
+
+    assert h.stream(publish, lambda: bool(received), timeout=15, rate=20.0)
+    first = int(received[0][1:])
+    assert h.stream(
+        publish,
+        lambda: cam.reliability == ReliabilityPolicy.RELIABLE and cam.old_image_sub is None,
+        timeout=20,
+        rate=20.0,
+    )
+    h.stream(publish, lambda: False, timeout=1.0, rate=20.0)
+    got = sorted({int(f[1:]) for f in received})
+    last = got[-1]
+    missing = sorted(set(range(first, last + 1)) - set(got))
+    assert not missing, f"frames lost around the QoS switch: {missing}"
+    assert len(received) == len(set(received))  # during the overlap no frame came in twice
+
+
+# --- item 16 and 17: diagnostics and encodings -----------------------------------------------
+
+
+def test_diagnostics_count_every_rejection_kind_and_the_level_clears(
+    harness, tiny_backbone, monkeypatch
+):
+    monkeypatch.setattr(D, "WINDOW", 1.5)
+    h = harness(backbone=tiny_backbone)
+    pub = h.publisher("image")
+    labels = h.collect("/ovseg/labels")
+    stats = h.node.cameras[""].stats
+    depth = Image(height=4, width=4, encoding="16UC1", step=8, data=bytes(32))
+
+    def publish_bad() -> None:
+        h.stamp(depth)
+        pub.publish(depth)
+
+    assert h.stream(publish_bad, lambda: stats.rejected["unsupported_encoding"] >= 2, timeout=30)
+    status = h.node.diagnostics()
+    values = {kv.key: kv.value for kv in status.values}
+    for kind in REJECTION_KINDS:  # complete: every kind, zero or not
+        assert f"camera: rejected: {kind}" in values
+    assert status.level == status.WARN and "16UC1" in status.message
+    publish = _stream_frames(h)
+    assert h.stream(publish, lambda: bool(labels), timeout=30)
+    time.sleep(1.6)
+    assert h.node.diagnostics().level == status.OK  # no rejection in the window any more
+
+
+def test_the_qos_warning_lasts_as_long_as_the_mismatch(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone, output__qos="sensor_data")
+    sub = h.peer.create_subscription(
+        Image,
+        "/ovseg/labels",
+        lambda m: None,
+        QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE),
+    )
+    assert h.spin_until(lambda: bool(h.node.qos_problems()), timeout=15)
+    status = h.node.diagnostics()
+    assert status.level == status.WARN and "RELIABILITY" in status.message
+    h.peer.destroy_subscription(sub)
+    assert h.spin_until(lambda: not h.node.qos_problems(), timeout=15)
+    assert h.node.diagnostics().level == status.OK
+
+
+def test_best_effort_subscribers_of_reliable_outputs_are_fine(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone)
+    h.peer.create_subscription(Image, "/ovseg/labels", lambda m: None, qos_profile_sensor_data)
+    h.spin_until(lambda: False, timeout=1.0)
+    assert not h.node.qos_problems()
+
+
+def test_a_stop_cancels_a_vocabulary_being_encoded(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone)
+    results = h.set_parameters(
+        Parameter("templates", value="imagenet80"),
+        Parameter("vocabulary", value=[f"class {i}" for i in range(10_000)]),
+    )
+    assert all(r.successful for r in results)
+    assert h.spin_until(lambda: h.node._reconfigurer.busy == "vocabulary", timeout=10)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert h.node.shutdown(timeout=5.0)
+    assert time.monotonic() - t0 < 3.0
+    threading.Event().wait(0.01)
+    assert h.node.segmenter.vocabulary.version == 1  # the build was dropped, not finished
