@@ -12,7 +12,13 @@ from __future__ import annotations
 import ast
 import glob
 import importlib.util
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -32,6 +38,9 @@ CONTRACT_ARGUMENTS = [
     "vocabulary",
     "method",
     "device",
+    "pretrained",
+    "checkpoint",
+    "params",
     "rviz",
 ]
 
@@ -42,8 +51,14 @@ CONTRACT_DEFAULTS = {
     "vocabulary": "",
     "method": "",
     "device": "",
+    "pretrained": "",
+    "checkpoint": "",
+    "params": "",
     "rviz": "false",
 }
+
+#: The registry's method names (ovseg_ros/engine/methods), as `ovseg methods` lists them.
+METHODS = ["clearclip", "clip", "cliper", "cliptrase", "maskclip", "naclip", "proxyclip", "sclip"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +415,346 @@ def test_fastdds_profile_unless_the_user_exported_one(launch_module, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# (b) Always: weights, generic overrides, method names, RViz check, the node's exit (issue 10,
+# items 12-14)
+
+
+def test_pretrained_argument_selects_the_weights(launch_module):
+    """pretrained:=none also clears the file's checkpoint, which would otherwise win."""
+    assert launch_module.node_parameters("/p/ovseg.yaml", pretrained=" none ") == [
+        "/p/ovseg.yaml",
+        {"model.pretrained": "none", "model.checkpoint": ""},
+    ]
+
+
+def test_checkpoint_argument_is_checked_and_made_absolute(launch_module, tmp_path, monkeypatch):
+    (tmp_path / "w.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert launch_module.node_parameters("/p/ovseg.yaml", checkpoint="w.pt") == [
+        "/p/ovseg.yaml",
+        {"model.checkpoint": str(tmp_path / "w.pt")},
+    ]
+    both = launch_module.node_parameters("/p/ovseg.yaml", pretrained="openai", checkpoint="w.pt")
+    assert both[1] == {"model.pretrained": "openai", "model.checkpoint": str(tmp_path / "w.pt")}
+    with pytest.raises(launch_module.LaunchArgumentError, match=r"^checkpoint:='nope.pt' does not"):
+        launch_module.node_parameters("/p/ovseg.yaml", checkpoint="nope.pt")
+    with pytest.raises(launch_module.LaunchArgumentError, match="is a folder, not a weights file"):
+        launch_module.node_parameters("/p/ovseg.yaml", checkpoint=str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def known(launch_module):
+    """The node's parameters and defaults, from the repository's config/ovseg.yaml."""
+    parameters = launch_module.default_parameters(REPO)
+    assert isinstance(parameters["input.short_side"], int)
+    assert isinstance(parameters["prob_threshold"], float)
+    return parameters
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", {}),
+        (
+            "{input.short_side: 448, prob_threshold: 0.1}",
+            {"input.short_side": 448, "prob_threshold": 0.1},
+        ),
+        # Nested mappings are dotted names (launch_ros flattens them the same way).
+        (
+            "{input: {short_side: 448}, model: {name: ovseg-tiny}}",
+            {"input.short_side": 448, "model.name": "ovseg-tiny"},
+        ),
+        # An integer for a float parameter: rclpy would reject INTEGER for a DOUBLE parameter.
+        ("{prob_threshold: 0, overlay.alpha: 1}", {"prob_threshold": 0.0, "overlay.alpha": 1.0}),
+        (
+            "{model.pretrained: none, text.cache_dir: none}",
+            {"model.pretrained": "none", "text.cache_dir": "none"},
+        ),
+        (
+            "{cameras: [front, rear], enabled: false}",
+            {"cameras": ["front", "rear"], "enabled": False},
+        ),
+        ("{use_sim_time: true}", {"use_sim_time": True}),
+    ],
+)
+def test_params_argument_overrides_any_parameter(launch_module, known, text, expected):
+    parsed = launch_module.parse_params(text, known)
+    assert parsed == expected
+    assert [type(v) for v in parsed.values()] == [type(v) for v in expected.values()]
+
+
+def test_method_params_names_are_checked_when_the_table_lists_them(launch_module):
+    """method_params.* names are open only while config/ovseg.yaml lists none of them."""
+    listed = {"prob_threshold": 0.0, "method_params.naclip.sigma": 5.0}
+    assert launch_module.parse_params("{method_params.naclip.sigma: 4}", listed) == {
+        "method_params.naclip.sigma": 4.0
+    }
+    with pytest.raises(
+        launch_module.LaunchArgumentError, match="did you mean method_params.naclip.sigma?"
+    ):
+        launch_module.parse_params("{method_params.naclip.sigm: 4}", listed)
+    unlisted = {"prob_threshold": 0.0}
+    assert launch_module.parse_params("{method_params.sigma: 4.0}", unlisted) == {
+        "method_params.sigma": 4.0
+    }
+    # Nested YAML in the parameter file gives the same dotted names.
+    assert launch_module.parse_params("{method_params: {naclip: {sigma: 3}}}", listed) == {
+        "method_params.naclip.sigma": 3.0
+    }
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[a, b]", "params:='[a, b]' is not a mapping"),
+        ("{a: [b}", "is not valid YAML"),
+        (
+            "{input.shortside: 448}",
+            "'input.shortside' is not a parameter of the node; did you mean input.short_side?",
+        ),
+        ("{input.short_side: 448.5}", "input.short_side must be an integer, not a number 448.5"),
+        ("{prob_threshold: high}", "prob_threshold must be a number, not a string 'high'"),
+        (
+            "{model.pretrained: yes}",
+            "model.pretrained must be a string, not a boolean True (quote it)",
+        ),
+        ("{enabled: 1}", "enabled must be a boolean, not an integer 1"),
+        ("{vocabulary: door}", "vocabulary must be a list of strings, not a string 'door'"),
+        ("{vocabulary: [door, 42]}", "is not a list of strings, numbers or booleans of one type"),
+        (
+            "{background_words: []}",
+            "background_words is an empty list, which launch_ros cannot pass",
+        ),
+        ("{model.checkpoint: }", "model.checkpoint has no value (YAML null)"),
+        ("{1: 2}", "1 is not a parameter name"),
+    ],
+)
+def test_bad_params_argument_gives_one_sentence(launch_module, known, text, message):
+    with pytest.raises(launch_module.LaunchArgumentError) as caught:
+        launch_module.node_parameters("/p/ovseg.yaml", params=text, known=known)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_params_argument_merges_with_the_other_arguments(launch_module, known, tmp_path):
+    parameters = launch_module.node_parameters(
+        "/p/ovseg.yaml",
+        method="sclip",
+        pretrained="none",
+        params="{model.name: ovseg-tiny, device: cpu, templates: single}",
+        known=known,
+        methods=METHODS,
+    )
+    assert parameters == [
+        "/p/ovseg.yaml",
+        {
+            "model.name": "ovseg-tiny",
+            "device": "cpu",
+            "templates": "single",
+            "method": "sclip",
+            "model.pretrained": "none",
+            "model.checkpoint": "",
+        },
+    ]
+    with pytest.raises(launch_module.LaunchArgumentError, match="method is given twice"):
+        launch_module.node_parameters("/p/ovseg.yaml", method="clip", params="{method: sclip}")
+    with pytest.raises(launch_module.LaunchArgumentError, match="params: model.checkpoint '/no"):
+        launch_module.node_parameters("/p/ovseg.yaml", params="{model.checkpoint: /no/w.pt}")
+    with pytest.raises(launch_module.LaunchArgumentError, match="params: method 'bogus' is not"):
+        launch_module.node_parameters("/p/ovseg.yaml", params="{method: bogus}", methods=METHODS)
+
+
+def test_registry_names_are_read_without_importing_torch(launch_module):
+    """The cheap reader (ast over ovseg_ros/engine/methods/*.py) imports neither ovseg_ros nor
+    torch, so a wrong method:= fails before anything loads."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('m', {str(LAUNCH_FILE)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(','.join(m.registered_methods(m.methods_directory())))\n"
+        "print('torch' in sys.modules, 'ovseg_ros' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == [",".join(METHODS), "False", "False"]
+    assert launch_module.registered_methods(None) == []
+
+
+def test_registry_names_match_the_engine_registry(launch_module):
+    pytest.importorskip("torch")
+    from ovseg_ros.engine.methods import available_methods
+
+    assert launch_module.registered_methods(launch_module.methods_directory()) == (
+        available_methods()
+    )
+
+
+def test_unknown_method_is_rejected_with_the_known_names(launch_module):
+    with pytest.raises(launch_module.LaunchArgumentError) as caught:
+        launch_module.node_parameters("/p/ovseg.yaml", method="bogus", methods=METHODS)
+    assert str(caught.value) == (
+        "method:='bogus' is not a segmentation method; the methods are "
+        + ", ".join(METHODS)
+        + " (`ovseg methods` describes them)"
+    )
+    with pytest.raises(launch_module.LaunchArgumentError, match="did you mean naclip?"):
+        launch_module.node_parameters("/p/ovseg.yaml", method="naclp", methods=METHODS)
+    # Without a registry to read, the node checks the name itself.
+    assert launch_module.node_parameters("/p/ovseg.yaml", method="bogus")[1] == {"method": "bogus"}
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_device_argument_accepts_the_documented_devices(launch_module, device):
+    assert launch_module.node_parameters("/p/ovseg.yaml", device=device)[1] == {"device": device}
+
+
+@pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:x", "cuda:0,1"])
+def test_device_argument_rejects_other_text(launch_module, device):
+    with pytest.raises(launch_module.LaunchArgumentError, match="use auto, cpu, cuda or cuda:N"):
+        launch_module.node_parameters("/p/ovseg.yaml", device=device)
+
+
+def _missing_package(package: str) -> str:
+    raise KeyError(f"package '{package}' not found")  # ament_index's PackageNotFoundError
+
+
+def _fake_rviz_prefix(folder: Path) -> Path:
+    """An install prefix holding an rviz2 executable, as apt installs it."""
+    executable = folder / "lib" / "rviz2" / "rviz2"
+    executable.parent.mkdir(parents=True)
+    executable.write_text("#!/bin/sh\nexec sleep 60\n")
+    executable.chmod(0o755)
+    return folder
+
+
+def test_rviz_check_says_what_to_install(launch_module):
+    with pytest.raises(launch_module.LaunchArgumentError) as caught:
+        launch_module.check_rviz(_missing_package, {"ROS_DISTRO": "kilted"})
+    assert str(caught.value) == (
+        "rviz:=true but RViz is not installed (no package rviz2 in the ament index); install it "
+        "with `sudo apt install ros-kilted-rviz2` and source your ROS setup again, or launch "
+        "with rviz:=false"
+    )
+    with pytest.raises(launch_module.LaunchArgumentError, match=r"ros-\$ROS_DISTRO-rviz2"):
+        launch_module.check_rviz(_missing_package, {})
+
+
+def test_rviz_check_needs_the_executable(launch_module, tmp_path):
+    with pytest.raises(launch_module.LaunchArgumentError, match="has no lib/rviz2/rviz2"):
+        launch_module.check_rviz(lambda package: str(tmp_path), {})
+    prefix = _fake_rviz_prefix(tmp_path / "opt")
+    launch_module.check_rviz(lambda package: str(prefix), {})
+
+
+def _argument_values(launch_module, **changes: str) -> dict[str, str]:
+    """Launch argument values as launch passes them: the defaults with `changes`."""
+    values = {name: default for name, default, _ in launch_module.launch_arguments(REPO)}
+    values.update(changes)
+    return values
+
+
+def test_launch_plan_checks_rviz_before_anything_starts(launch_module, tmp_path):
+    """rviz:=true without rviz2: the plan, computed before any action, fails; rviz:=false never
+    looks rviz2 up."""
+    with pytest.raises(launch_module.LaunchArgumentError, match="sudo apt install"):
+        launch_module.launch_plan(
+            _argument_values(launch_module, rviz="true"), REPO, {}, package_prefix=_missing_package
+        )
+    plan = launch_module.launch_plan(
+        _argument_values(launch_module, rviz="false"), REPO, {}, package_prefix=_missing_package
+    )
+    assert plan.rviz is False and plan.rviz_arguments == []
+    prefix = _fake_rviz_prefix(tmp_path / "opt")
+    plan = launch_module.launch_plan(
+        _argument_values(launch_module, rviz="true", namespace="robot1"),
+        REPO,
+        {},
+        package_prefix=lambda package: str(prefix),
+    )
+    assert plan.rviz is True
+    assert plan.rviz_arguments == ["-d", str(REPO / "config" / "ovseg.rviz")]
+    assert plan.rviz_remappings == launch_module.rviz_remappings("robot1")
+
+
+def test_launch_plan_checks_every_argument(launch_module):
+    """The plan uses the registry read from the source tree and the package's parameter table."""
+    values = _argument_values(
+        launch_module,
+        method="naclip",
+        pretrained="none",
+        params="{model.name: ovseg-tiny, prob_threshold: 0}",
+    )
+    plan = launch_module.launch_plan(values, REPO, {"FASTDDS_DEFAULT_PROFILES_FILE": "/mine.xml"})
+    assert plan.parameters == [
+        values["params_file"],
+        {
+            "model.name": "ovseg-tiny",
+            "prob_threshold": 0.0,
+            "method": "naclip",
+            "model.pretrained": "none",
+            "model.checkpoint": "",
+        },
+    ]
+    assert plan.environment == {}
+    assert plan.remappings[0] == ("image", "/camera/color/image_raw")
+    for change, message in [
+        ({"method": "bogus"}, "method:='bogus' is not a segmentation method"),
+        ({"params": "{input.shortside: 1}"}, "did you mean input.short_side?"),
+        ({"params_file": "/nope.yaml"}, "params_file:='/nope.yaml' is not a file"),
+    ]:
+        with pytest.raises(launch_module.LaunchArgumentError, match=message):
+            launch_module.launch_plan(_argument_values(launch_module, **change), REPO, {})
+
+
+@pytest.mark.parametrize(
+    "returncode, reason",
+    [
+        (0, "ovseg_node exited"),
+        (3, "ovseg_node exited with code 3 (the model could not be loaded; its message is above)"),
+        (2, "ovseg_node exited with code 2 (invalid parameters; its message is above)"),
+        (1, "ovseg_node exited with code 1 (an error; its message is above)"),
+        (-9, "ovseg_node was killed by SIGKILL"),
+        (None, "ovseg_node ended with an unknown exit code"),
+    ],
+)
+def test_node_exit_reason(launch_module, returncode, reason):
+    assert launch_module.node_exit_reason(returncode) == reason
+
+
+def test_only_an_unexpected_error_exit_fails_the_launch(launch_module):
+    fails = launch_module.node_exit_fails_launch
+    assert fails(3, shutting_down=False) and fails(-9, shutting_down=False)
+    assert not fails(0, shutting_down=False)
+    # Ctrl-C: the launch stopped the node itself, whatever its exit code.
+    assert not fails(3, shutting_down=True) and not fails(-2, shutting_down=True)
+
+
+def test_on_node_exit_raises_for_an_error_exit(launch_module):
+    """launch turns the exception into "Caught exception in launch", a shutdown and exit code 1."""
+    event = SimpleNamespace(returncode=3)
+    with pytest.raises(launch_module.NodeExitError, match="exited with code 3"):
+        launch_module.on_node_exit(event, SimpleNamespace(is_shutdown=False))
+    assert launch_module.on_node_exit(event, SimpleNamespace(is_shutdown=True)) is None
+
+
+def test_node_is_started_with_the_exit_handler():
+    """The ovseg Node(...) call passes on_exit=on_node_exit (read with ast)."""
+    calls = [
+        node
+        for node in ast.walk(launch_tree())
+        if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "Node"
+    ]
+    on_exit = {
+        ast.unparse(next(k.value for k in call.keywords if k.arg == "executable")): [
+            ast.unparse(k.value) for k in call.keywords if k.arg == "on_exit"
+        ]
+        for call in calls
+    }
+    assert on_exit == {"EXECUTABLE": ["on_node_exit"], "'rviz2'": []}
+
+
+# ---------------------------------------------------------------------------------------------
 # (a) With launch and launch_ros installed: the launch description itself
 
 
@@ -444,6 +799,8 @@ def test_launch_setup_starts_the_node_and_rviz(launch_module, monkeypatch, tmp_p
     from launch_ros.actions import Node
 
     monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)
+    rviz_prefix = _fake_rviz_prefix(tmp_path / "opt")
+    monkeypatch.setattr(launch_module, "ament_package_prefix", lambda package: str(rviz_prefix))
     params_file = tmp_path / "ovseg.yaml"
     params_file.write_text("/**:\n  ros__parameters: {}\n")
     description = launch_module.generate_launch_description()
@@ -481,7 +838,104 @@ def test_launch_setup_starts_the_node_and_rviz(launch_module, monkeypatch, tmp_p
         (PACKAGE, "ovseg_node"),
         ("rviz2", "rviz2"),
     ]
+    # The launch ends with the node: ExecuteProcess keeps on_exit in a private attribute.
+    assert nodes[0]._ExecuteLocal__on_exit is launch_module.on_node_exit
+    assert nodes[1]._ExecuteLocal__on_exit is None
 
     context.launch_configurations["vocabulary"] = "door"
     with pytest.raises(ValueError, match="vocabulary"):
         setup.execute(context)
+
+
+def _fake_install(prefix: Path, node_script: str, rviz: bool) -> Path:
+    """An install prefix with ovseg_ros (its ovseg_node is `node_script`) and maybe rviz2."""
+    index = prefix / "share" / "ament_index" / "resource_index" / "packages"
+    index.mkdir(parents=True)
+    packages = [PACKAGE] + (["rviz2"] if rviz else [])
+    for package in packages:
+        (index / package).write_text("")
+        (prefix / "share" / package).mkdir(parents=True)
+    (prefix / "share" / PACKAGE / "config").symlink_to(REPO / "config")
+    node = prefix / "lib" / PACKAGE / "ovseg_node"
+    node.parent.mkdir(parents=True)
+    node.write_text(node_script)
+    node.chmod(0o755)
+    if rviz:
+        _fake_rviz_prefix(prefix)
+        rviz_script = prefix / "lib" / "rviz2" / "rviz2"
+        rviz_script.write_text(f"#!/bin/sh\necho $$ > {prefix / 'rviz.pid'}\nexec sleep 60\n")
+    return prefix
+
+
+def _run_launch(prefix: Path, monkeypatch, *arguments: str) -> tuple[int, float]:
+    """Run launch/segment.launch.py as `ros2 launch` does; (return code, seconds)."""
+    from launch.actions import IncludeLaunchDescription
+    from launch.launch_description_sources import PythonLaunchDescriptionSource
+
+    from launch import LaunchDescription, LaunchService
+
+    monkeypatch.setenv("AMENT_PREFIX_PATH", str(prefix))
+    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", str(REPO / "config" / "fastdds.xml"))
+    monkeypatch.setenv("ROS_DISTRO", "kilted")
+    pairs = [tuple(argument.split(":=", 1)) for argument in arguments]
+    service = LaunchService(argv=list(arguments), noninteractive=True)
+    service.include_launch_description(
+        LaunchDescription(
+            [
+                IncludeLaunchDescription(
+                    PythonLaunchDescriptionSource(str(LAUNCH_FILE)), launch_arguments=pairs
+                )
+            ]
+        )
+    )
+    # A launch that does not end by itself (the failure these tests catch) is stopped after 30 s.
+    timer = threading.Timer(30.0, service.shutdown)
+    timer.start()
+    start = time.monotonic()
+    try:
+        code = service.run()
+    finally:
+        timer.cancel()
+    return code, time.monotonic() - start
+
+
+def test_launch_without_rviz2_starts_nothing(tmp_path, monkeypatch):
+    """rviz:=true without rviz2: exit code 1 and the node never started (issue 10, item 12)."""
+    require_ros_launch()
+    marker = tmp_path / "node-started"
+    prefix = _fake_install(
+        tmp_path / "install", f"#!/bin/sh\ntouch {marker}\nexec sleep 60\n", False
+    )
+    code, seconds = _run_launch(prefix, monkeypatch, "rviz:=true")
+    assert code == 1 and seconds < 10
+    assert not marker.exists()
+
+
+def test_launch_ends_with_the_node_and_fails_with_it(tmp_path, monkeypatch):
+    """The node exits 3: RViz is stopped and the launch returns 1 (issue 10, item 13)."""
+    require_ros_launch()
+    prefix = _fake_install(tmp_path / "install", "#!/bin/sh\nsleep 1\nexit 3\n", True)
+    code, seconds = _run_launch(prefix, monkeypatch, "rviz:=true", "pretrained:=none")
+    assert code == 1 and seconds < 20
+    rviz_pid = int((prefix / "rviz.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(rviz_pid, 0)
+
+
+def test_launch_ends_cleanly_when_the_node_exits_0(tmp_path, monkeypatch):
+    require_ros_launch()
+    prefix = _fake_install(tmp_path / "install", "#!/bin/sh\nsleep 1\nexit 0\n", True)
+    code, seconds = _run_launch(prefix, monkeypatch, "rviz:=true")
+    assert code == 0 and seconds < 20
+
+
+def test_launch_rejects_a_bogus_method_before_starting(tmp_path, monkeypatch):
+    """method:=bogus fails in the launch file, before the node (and its model) starts."""
+    require_ros_launch()
+    marker = tmp_path / "node-started"
+    prefix = _fake_install(
+        tmp_path / "install", f"#!/bin/sh\ntouch {marker}\nexec sleep 60\n", False
+    )
+    code, seconds = _run_launch(prefix, monkeypatch, "method:=bogus")
+    assert code == 1 and seconds < 10
+    assert not marker.exists()
