@@ -258,3 +258,17 @@ def test_peak_memory_with_10000_classes_on_a_640x480_frame(tmp_path):
         out = labels.last
     assert (out.width, out.height, out.encoding) == (640, 480, "mono16")
     assert peak < 2048, f"peak RSS {peak:.0f} MB"
+
+
+def test_an_unknown_method_fails_before_the_model_is_loaded():
+    cmd = node_command("method:=bogus")
+    start = time.monotonic()
+    result = subprocess.run(
+        cmd, env=ros_env(next_domain_id()), capture_output=True, text=True, timeout=60
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "unknown method 'bogus'" in output and "naclip" in output
+    assert "loading" not in output  # refused from the parameters alone, no model built
+    assert time.monotonic() - start < 30
+    assert_clean(output)

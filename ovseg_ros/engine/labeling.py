@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .text import Vocabulary
 
 #: Memory for one chunk of queries' maps (and their temporaries) while labelling a frame.
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 128 * 2**20
 
 #: Largest input (h * w) that upsample_bilinear enlarges with matrix products: patch grids.
 _MATMUL_UPSAMPLE_MAX_INPUT = 4096
