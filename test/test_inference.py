@@ -155,6 +155,9 @@ def test_slide_batches_hold_at_most_max_tokens(tiny_backbone, make_segmenter):
     class Spy:
         has_pixel_step = False
 
+        def token_patch(self, backbone):
+            return backbone.patch_size
+
         def logits(self, backbone, images, vocab):
             seen.append(images.shape[0] * (images.shape[-2] // 16) * (images.shape[-1] // 16))
             return torch.zeros(images.shape[0], 1, images.shape[-2] // 16, images.shape[-1] // 16)
@@ -251,17 +254,49 @@ def test_labels_follow_the_logits(make_segmenter):
     assert (result.labels != 255).all()
 
 
-def test_labels_are_taken_at_the_frame_size_after_upsampling_the_logits(make_segmenter):
-    # Official order: logits -> bilinear to the frame -> softmax -> argmax (not softmax first).
+def test_whole_mode_resamples_the_grid_straight_to_the_frame(make_segmenter, tiny_backbone):
+    # Official order, whole mode (NACLIP's forward_feature at the original size, CLIPer's
+    # main_ovs): grid logits -> one bilinear step to the frame -> softmax -> argmax.
     seg = make_segmenter(vocabulary=["cat; kitten", "dog", "car"], background_words=["sky"])
     seg.update(short_side=32)
-    image = random_image(45, 70, seed=11)
+    image = random_image(48, 96, seed=11)  # model input 32 x 64: no padding, grid 2 x 4
+    result = seg.segment(image)
+    normed = seg.backbone.normalize(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
+    normed = torch.nn.functional.interpolate(
+        normed, size=(32, 64), mode="bilinear", align_corners=False, antialias=True
+    )
+    grid = dense_maps(seg.method, tiny_backbone, normed, seg.vocabulary).grids[0]
+    assert grid.shape[-2:] == (2, 4)
+    labels, confidence = manual_labels(grid, seg.vocabulary, size=(48, 96))
+    np.testing.assert_array_equal(result.labels, labels)
+    np.testing.assert_allclose(result.confidence, confidence, atol=1e-5)
+
+
+def test_whole_mode_samples_each_frame_pixel_at_its_own_position(make_segmenter, tiny_backbone):
+    # With padding the grid covers more than the image; a grid holding each cell centre's input
+    # x coordinate must come out as each frame pixel centre's input coordinate.
+    seg = make_segmenter()
+    image = seg.backbone.normalize(torch.zeros(1, 3, 40, 50))  # padded to 48 x 64: grid 3 x 4
+    maps = dense_maps(seg.method, tiny_backbone, image, seg.vocabulary)
+    assert maps.padded == (48, 64) and maps.grids.shape[-2:] == (3, 4)
+    maps.grids = ((torch.arange(4) + 0.5) * 16.0).view(1, 1, 1, 4).expand(1, 1, 3, 4).clone()
+    out = maps.whole_to(slice(0, 1), (80, 100))[0]
+    expected = (torch.arange(100) + 0.5) * 50 / 100  # input x of each frame pixel centre
+    inside = (expected >= 8) & (expected <= 56)  # between the first and last cell centres
+    torch.testing.assert_close(out[0, inside], expected[inside].float(), atol=1e-4, rtol=0)
+
+
+def test_slide_mode_averages_crops_at_the_input_then_resamples_to_the_frame(make_segmenter):
+    # NACLIP's forward_slide: crops upsampled to their size, averaged, then to the frame.
+    seg = make_segmenter(vocabulary=["cat", "dog", "car"], background_words=["sky"])
+    seg.update(short_side=32, mode="slide", crop=32, stride=16)
+    image = random_image(45, 70, seed=12)
     logits, vocab = seg.dense_logits(image)
     assert logits.shape[1:] == (32, 50)
     labels, confidence = manual_labels(logits, vocab, size=(45, 70))
     result = seg.segment(image)
     np.testing.assert_array_equal(result.labels, labels)
-    np.testing.assert_allclose(result.confidence, confidence, atol=1e-6)
+    np.testing.assert_allclose(result.confidence, confidence, atol=1e-5)
 
 
 @pytest.mark.parametrize("area", [0.0, 0.2])
@@ -282,7 +317,8 @@ def test_chunked_labelling_equals_one_pass(make_segmenter, tiny_backbone, mode, 
     for out in outs[:2]:
         torch.testing.assert_close(out.labels, outs[2].labels, atol=0, rtol=0)
         torch.testing.assert_close(out.confidence, outs[2].confidence, atol=1e-6, rtol=1e-5)
-    prob = class_probabilities(maps.at_input(), seg.vocabulary, (60, 90))
+    one_shot = maps.at_output(slice(None), (60, 90), None)  # every query at once
+    prob = class_probabilities(one_shot, seg.vocabulary)
     if area:
         prob = suppress_small_classes(prob, 40, area)
     confidence, labels = prob.max(dim=0)
@@ -390,3 +426,39 @@ def test_labelling_leaves_the_method_maps_as_they_were(make_segmenter, tiny_back
     torch.testing.assert_close(maps.grids, before, atol=0, rtol=0)
     again = label_pixels(maps, (32, 32), area_threshold=area)
     torch.testing.assert_close(first.labels, again.labels, atol=0, rtol=0)
+
+
+def test_a_long_vocabulary_build_keeps_the_updates_made_meanwhile(make_segmenter):
+    seg = make_segmenter()
+    vocab = seg.build_vocabulary(["door", "window"])
+    seg.update(prob_threshold=0.3, short_side=64)  # while the (long) build ran
+    seg.use_vocabulary(vocab, ["door", "window"], seg.config.background_words)
+    assert seg.vocabulary is vocab and seg.config.vocabulary == ["door", "window"]
+    assert seg.config.prob_threshold == 0.3 and seg.config.short_side == 64
+
+
+def test_the_token_limit_counts_the_finest_patch_of_the_method(make_segmenter, tiny_backbone):
+    from ovseg_ros.engine.methods import create_method
+
+    seg = make_segmenter()
+    proxy = create_method("proxyclip", {"vfm_weights": "none"})  # DINO ViT-B/8: patch 8
+    assert proxy.token_patch(tiny_backbone) == 8
+    seg.check(seg.config.replace(crop=512), seg.method)  # 32 x 32 patches of 16: fine
+    with pytest.raises(ValueError, match="4096"):
+        seg.check(seg.config.replace(crop=1024), proxy)  # 128 x 128 patches of 8
+    with pytest.raises(ValueError, match="at most 512 px"):
+        seg.check(seg.config.replace(crop=600), proxy)
+    h, w = resized_shape(480, 640, 1024, patch=proxy.token_patch(tiny_backbone))
+    assert -(-h // 8) * -(-w // 8) <= MAX_TOKENS
+
+
+def test_slide_maps_beyond_the_memory_limit_are_refused_with_the_reason(
+    make_segmenter, tiny_backbone, monkeypatch
+):
+    from ovseg_ros.engine import inference
+
+    seg = make_segmenter()
+    image = seg.backbone.normalize(torch.rand(1, 3, 64, 128))
+    monkeypatch.setattr(inference, "MAX_GRID_BYTES", 1000)
+    with pytest.raises(ValueError, match="crops x .* queries would hold"):
+        dense_maps(seg.method, tiny_backbone, image, seg.vocabulary, "slide", 32, 8, 4)

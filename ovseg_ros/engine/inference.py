@@ -115,16 +115,39 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
 
+#: Most bytes of per-query maps one frame may hold (crops x queries x their grid); beyond it the
+#: frame is refused with the reason, rather than taking the machine's memory.
+MAX_GRID_BYTES = 1024 * 2**20
+
+
+def check_crop_tokens(crop: int, patch: int) -> None:
+    """ValueError when one crop x crop window would be more than MAX_TOKENS patches."""
+    tokens = _tokens(crop, crop, patch)
+    if tokens > MAX_TOKENS:
+        raise ValueError(
+            f"inference.crop {crop} gives {tokens} patches of {patch} px in one pass; the limit "
+            f"is {MAX_TOKENS} (a crop of at most {64 * patch} px)"
+        )
+
+
 def _method_grids(
     method: Method, backbone: Backbone, crops: torch.Tensor, vocab: Vocabulary, max_batch: int
 ) -> torch.Tensor:
     """(N, Q, h, w) method outputs of padded (N, 3, H, W) crops, in batches within MAX_TOKENS."""
-    per_crop = _tokens(crops.shape[-2], crops.shape[-1], backbone.patch_size)
+    per_crop = _tokens(crops.shape[-2], crops.shape[-1], method.token_patch(backbone))
     batch = max(1, min(max_batch, MAX_TOKENS // per_crop))
-    outs = [
-        method.logits(backbone, crops[start : start + batch], vocab)
-        for start in range(0, crops.shape[0], batch)
-    ]
+    outs = []
+    for start in range(0, crops.shape[0], batch):
+        out = method.logits(backbone, crops[start : start + batch], vocab)
+        if not outs:
+            total = out.element_size() * out[0].numel() * crops.shape[0]
+            if total > MAX_GRID_BYTES:
+                raise ValueError(
+                    f"{crops.shape[0]} crops x {out.shape[1]} queries would hold "
+                    f"{total / 2**20:.0f} MB of maps (limit {MAX_GRID_BYTES // 2**20} MB); use a "
+                    "larger inference.stride or crop, whole mode, or fewer classes"
+                )
+        outs.append(out)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

@@ -50,6 +50,25 @@ def _linear_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor
         return weights[:, 0].T.contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def _sampling_weights(n_in: int, n_out: int, scale: float, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in) bilinear weights sampling source (i + 0.5) * scale - 0.5 for output i.
+
+    torch's rule for align_corners=False (clamped at 0, the last index repeated at the end), so
+    with scale = n_in / n_out the weights are those of F.interpolate.
+    """
+    with torch.inference_mode(False):
+        src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_(min=0)
+        low = src.floor().long().clamp_(max=n_in - 1)
+        high = (low + 1).clamp_(max=n_in - 1)
+        frac = (src - low).clamp_(max=1.0)
+        weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+        rows = torch.arange(n_out)
+        weights.index_put_((rows, low), 1 - frac, accumulate=True)
+        weights.index_put_((rows, high), frac, accumulate=True)
+        return weights.to(device=device, dtype=torch.float32)
+
+
 def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling (align_corners=False) of (B, C, h, w) float maps to size (H, W).
 
@@ -123,14 +142,33 @@ class DenseMaps:
             count[:, y : y + ch, x : x + cw] += 1
         return total.div_(count)
 
+    def whole_to(self, queries: slice, size: tuple[int, int]) -> torch.Tensor:
+        """(qc, H, W): a whole-image pass's maps resampled straight to the frame's size.
+
+        One bilinear step, as the official codes' whole mode (NACLIP's forward_feature with the
+        original size, CLIPer's main_ovs): each frame pixel samples the grid at its own position,
+        (y + 0.5) * H' / H input pixels, the grid covering the padded input. Without padding this
+        is F.interpolate(grid, size) exactly.
+        """
+        grid = self.grids[0, queries].float()
+        (h, w), (ph, pw), (in_h, in_w) = grid.shape[-2:], self.padded, self.size
+        ry = _sampling_weights(h, size[0], in_h * h / (size[0] * ph), grid.device)
+        rx = _sampling_weights(w, size[1], in_w * w / (size[1] * pw), grid.device)
+        return torch.matmul(ry, torch.matmul(grid, rx.T))
+
     def at_output(
         self, queries: slice, size: tuple[int, int], affinity: torch.Tensor | None
     ) -> torch.Tensor:
         """(qc, H, W) logits of some queries at the frame's size (PAMR'd when affinity is given).
 
-        Always a new tensor, which the caller may overwrite.
+        Whole mode: one resampling from the grid to the frame; slide mode: crops to their size,
+        averaged at the model input, then to the frame (the official codes' two orders). Always a
+        new tensor, which the caller may overwrite.
         """
-        x = upsample_to(self.at_input(queries), size).float()
+        if self.whole:
+            x = self.whole_to(queries, size)
+        else:
+            x = upsample_to(self.at_input(queries), size).float()
         if x.untyped_storage().data_ptr() == self.grids.untyped_storage().data_ptr():
             x = x.clone()  # no resampling happened: the caller works in place, grids must stay
         if self.method.has_pixel_step and self.whole:
@@ -144,6 +182,8 @@ def _chunk_queries(maps: DenseMaps, out_size: tuple[int, int], chunk_bytes: int,
     """How many queries fit in one chunk: their maps at the input and at the output, temporaries."""
     h, w = out_size
     per_query = 4 * (2 * maps.size[0] * maps.size[1] + (4 if pamr else 2) * h * w)
+    if maps.method.has_pixel_step:
+        per_query *= 3  # the method's own full-size temporaries (CLIPer: about 8 maps a query)
     return max(1, min(maps.num_queries, chunk_bytes // max(per_query, 1)))
 
 

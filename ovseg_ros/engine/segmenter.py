@@ -16,7 +16,7 @@ import torch
 
 from .backbone import Backbone, build_backbone, default_cache_root
 from .config import SegmenterConfig
-from .inference import HostStaging, dense_maps, resize
+from .inference import HostStaging, check_crop_tokens, dense_maps, resize
 from .labeling import DenseMaps, PixelLabels, label_pixels, upsample_to
 from .methods import Method, create_method
 from .methods.base import collect_timings
@@ -137,10 +137,20 @@ class Segmenter:
         self._version = 0
         self._in_flight: dict[int, int] = {}  # id(method) -> frames using it now
         self.method: Method = create_method(cfg.method, cfg.method_params)
+        self.check(cfg, self.method)
         self.method.prepare(self.backbone)
         self._vocab: Vocabulary = self._build_vocab(
             cfg.vocabulary, cfg.background_words, cfg.templates, progress
         )
+
+    def check(self, config: SegmenterConfig, method: Method | None = None) -> None:
+        """ValueError when `config` (with `method`, default the current one) cannot run here.
+
+        The parameters' ranges are checked by the config itself; this adds what depends on the
+        loaded model: a slide window's patch count at the finest patch the method uses.
+        """
+        method = method or self.method
+        check_crop_tokens(config.crop, method.token_patch(self.backbone))
 
     @property
     def device(self) -> torch.device:
@@ -177,19 +187,41 @@ class Segmenter:
         Invalid entries raise ValueError and leave the current vocabulary in place. Frames being
         segmented while this runs keep the vocabulary they started with.
         """
+        background = self.config.background_words if background_words is None else background_words
+        vocab = self.build_vocabulary(entries, background, templates, progress)
+        self.use_vocabulary(vocab, entries, background)
+        return vocab.version
+
+    def build_vocabulary(
+        self,
+        entries: Sequence[str],
+        background_words: Sequence[str] | None = None,
+        templates: str | None = None,
+        progress: Progress | None = None,
+    ) -> Vocabulary:
+        """Encode a vocabulary with the next version number, without using it yet."""
         cfg = self.config
         background = cfg.background_words if background_words is None else list(background_words)
         templates = cfg.templates if templates is None else templates
-        vocab = self._build_vocab(list(entries), background, templates, progress)
+        return self._build_vocab(list(entries), background, templates, progress)
+
+    def use_vocabulary(
+        self, vocab: Vocabulary, entries: Sequence[str], background_words: Sequence[str]
+    ) -> None:
+        """Swap in a vocabulary from build_vocabulary (frames started before keep theirs).
+
+        `entries` and `background_words` are what it was built from, kept in the config as given.
+        """
         with self._lock:
             self._vocab = vocab
+            # The config of now, not of the build's start: a long build must not undo the
+            # update()s made meanwhile (thresholds, sizes).
             self.config = dataclasses.replace(
-                cfg,
+                self.config,
                 vocabulary=list(entries),
-                background_words=list(background),
-                templates=templates,
+                background_words=list(background_words),
+                templates=vocab.templates,
             )
-        return vocab.version
 
     def set_method(self, name: str, params: dict[str, Any] | None = None) -> None:
         """Switch method (or its hyper-parameters); ValueError leaves the current one in place.
@@ -198,6 +230,7 @@ class Segmenter:
         the old one is released once no frame uses it (ModelLoadError also keeps the current one).
         """
         method = create_method(name, params or {})
+        self.check(self.config, method)
         method.prepare(self.backbone)
         with self._lock:
             old, self.method = self.method, method
@@ -233,6 +266,8 @@ class Segmenter:
                 f"{sorted(bad)} cannot be changed with update(); use set_vocabulary / set_method "
                 "or build a new Segmenter"
             )
+        candidate = self.config.replace(**changes)
+        self.check(candidate)
         with self._lock:
             self.config = self.config.replace(**changes)
 
@@ -263,7 +298,7 @@ class Segmenter:
 
         A whole-image pass is resized to at most inference.MAX_TOKENS patches.
         """
-        patch = self.backbone.patch_size if cfg.mode == "whole" else 0
+        patch = method.token_patch(self.backbone) if cfg.mode == "whole" else 0
         image = resize(self._staging.upload(rgb, self.device), cfg.short_side, patch)
         normed = self.backbone.normalize(image)
         maps = dense_maps(

@@ -46,6 +46,10 @@ class Method:
     def release(self) -> None:
         """Free what prepare() loaded; the method may be prepared again afterwards."""
 
+    def token_patch(self, backbone: Backbone) -> int:
+        """The finest patch (pixels) of any transformer this method runs: bounds its token count."""
+        return backbone.patch_size
+
     @staticmethod
     def record_timing(key: str, ms: float) -> None:
         """Add ms to the frame's extra timing `key` (summed over crops; see collect_timings)."""

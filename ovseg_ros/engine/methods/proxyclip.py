@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import threading
 import time
 import weakref
@@ -162,6 +163,14 @@ class ProxyCLIP(Method):
                 self._proxy = shared_proxy(p.vfm, p.vfm_weights, backbone)
                 self._proxy_key = key
             return self._proxy
+
+    def token_patch(self, backbone: Backbone) -> int:
+        """The proxy's patch when finer than CLIP's (DINO B/8: 4x CLIP's tokens at patch 16)."""
+        p: ProxyCLIPParams = self.params  # type: ignore[assignment]
+        if self._proxy is not None:
+            return min(backbone.patch_size, self._proxy.patch_size)
+        found = re.search(r"patch(\d+)", vfm_spec(p.vfm).timm_model)
+        return min(backbone.patch_size, int(found.group(1))) if found else backbone.patch_size
 
     @torch.inference_mode()
     def logits(self, backbone: Backbone, images: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
