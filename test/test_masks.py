@@ -193,7 +193,7 @@ def test_published_masks_use_the_frames_class_ids():
     # A frame of a class map where chair is class 0 and door is absent.
     targets = topics.targets("", {"chair": 0, "sofa": 1})
     assert [cid for cid, _ in targets] == [0]
-    assert topics.publish("", targets, lambda cid: f"mask of {cid}") == 1
+    assert topics.publish("", [(pub, f"mask of {cid}") for cid, pub in targets]) == 1
     assert graph.live["/ovseg/masks/chair"].sent == ["mask of 0"]
 
 
@@ -205,7 +205,7 @@ def test_a_publisher_removed_between_targets_and_publish_is_skipped():
     targets = topics.targets("", {"door": 0})
     topics.set_classes(["window"], 64, True)
     synced(topics)  # door's publisher destroyed (FakePub asserts if used afterwards)
-    assert topics.publish("", targets, lambda cid: "mask") == 0
+    assert topics.publish("", [(pub, "mask") for _, pub in targets]) == 0
 
 
 def test_sync_and_the_frame_path_in_parallel_never_use_a_destroyed_publisher():
@@ -221,7 +221,7 @@ def test_sync_and_the_frame_path_in_parallel_never_use_a_destroyed_publisher():
                     pub.subscribers = 1
                 ids = {s: i for i, s in enumerate(mask_slugs(vocabularies[0]))}
                 targets = topics.targets("", ids)
-                topics.publish("", targets, lambda cid: cid)
+                topics.publish("", [(pub, cid) for cid, pub in targets])
                 topics.listened("")
             except (AssertionError, RuntimeError) as exc:  # dict changed size is fine to retry
                 if isinstance(exc, AssertionError):

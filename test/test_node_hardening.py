@@ -384,3 +384,99 @@ def test_a_stop_cancels_a_vocabulary_being_encoded(harness, tiny_backbone):
     assert time.monotonic() - t0 < 3.0
     threading.Event().wait(0.01)
     assert h.node.segmenter.vocabulary.version == 1  # the build was dropped, not finished
+
+
+def test_a_failed_method_change_restores_the_hyper_parameters_in_use(harness, tiny_backbone):
+    h = harness(
+        backbone=tiny_backbone, method="proxyclip", method_params__proxyclip__vfm_weights="none"
+    )
+    assert h.node.segmenter.config.method == "proxyclip"
+    [r] = h.set_parameters(Parameter("method_params.proxyclip.vfm_weights", value="/no/such.pt"))
+    assert r.successful  # a valid value; loading it fails in the background
+    h.wait_reconfigured(timeout=60)
+    name = "method_params.proxyclip.vfm_weights"
+    assert h.spin_until(lambda: h.node.get_parameter(name).value == "none", timeout=10)
+    assert h.node.segmenter.config.method == "proxyclip"
+    assert "undone" in h.node.diagnostics().message
+
+
+def test_a_new_class_map_is_delivered_before_it_is_used(harness, tiny_backbone, monkeypatch):
+    h = harness(backbone=tiny_backbone)
+    h.collect("/ovseg/vocabulary", String, LATCHED)  # a subscriber to acknowledge
+    seen = []
+    wait = h.node._wait_for_delivery
+
+    def spy():
+        seen.append((h.node._announced.version, h.node.segmenter.vocabulary.version))
+        wait()
+
+    monkeypatch.setattr(h.node, "_wait_for_delivery", spy)
+    [r] = h.set_parameters(Parameter("vocabulary", value=["door", "window"]))
+    assert r.successful
+    h.wait_reconfigured()
+    assert seen == [(2, 1)]  # announced (v2) while v1 was still the one in use
+    assert h.node.segmenter.vocabulary.version == 2
+
+
+def test_label_info_keeps_the_first_cameras_frame_id(harness, tiny_backbone, monkeypatch):
+    sent = []
+
+    class FakeLabelInfoPub:
+        topic_name = "/ovseg/label_info"
+
+        def publish(self, msg):
+            sent.append(msg)
+
+        def wait_for_all_acked(self, timeout):
+            return True
+
+    monkeypatch.setattr(
+        node_module, "label_info_msg", lambda vocab, stamp, frame_id, threshold: frame_id
+    )
+    h = harness(backbone=tiny_backbone, cameras=["front", "rear"])
+    h.node._label_info_pub = FakeLabelInfoPub()
+    pubs = {c: h.publisher(f"{c}/image") for c in ("front", "rear")}
+    outs = {c: h.collect(f"/ovseg/{c}/labels") for c in ("front", "rear")}
+    msg = rgb_to_msg(sample_frame(64, 48), None)
+
+    def publish() -> None:
+        for cam, pub in pubs.items():
+            h.stamp(msg, frame_id=f"{cam}_optical")
+            pub.publish(msg)
+
+    assert h.stream(publish, lambda: all(len(o) >= 3 for o in outs.values()), timeout=60)
+    assert len(sent) == 1 and sent[0] in ("front_optical", "rear_optical")
+
+
+def test_unstamped_frames_all_pass_an_input_qos_switch(harness, tiny_backbone):
+    h = harness(backbone=tiny_backbone)
+    cam = h.node.cameras[""]
+    put = h.node.slots.put
+    received = []
+
+    def spy(frame):
+        received.append(frame.header.frame_id)
+        return put(frame)
+
+    h.node.slots.put = spy
+    pub = h.publisher("image", qos=QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    msg = rgb_to_msg(sample_frame(64, 48), None)  # stamp left at 0
+    seq = {"n": 0}
+
+    def publish() -> None:
+        seq["n"] += 1
+        msg.header.frame_id = f"f{seq['n']}"
+        pub.publish(msg)
+
+    assert h.stream(publish, lambda: bool(received), timeout=15, rate=20.0)
+    first = int(received[0][1:])
+    assert h.stream(
+        publish,
+        lambda: cam.reliability == ReliabilityPolicy.RELIABLE and cam.old_image_sub is None,
+        timeout=20,
+        rate=20.0,
+    )
+    h.stream(publish, lambda: False, timeout=1.0, rate=20.0)
+    got = {int(f[1:]) for f in received}
+    missing = set(range(first, max(got) + 1)) - got
+    assert not missing, f"unstamped frames lost around the QoS switch: {sorted(missing)}"

@@ -244,18 +244,29 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def test_peak_memory_with_10000_classes_on_a_640x480_frame(tmp_path):
-    """Class probabilities at full size would be 10,000 x 640 x 480 floats (12 GB)."""
+    """Class probabilities at full size would be 10,000 x 640 x 480 floats (12 GB).
+
+    OVSEG_MEMORY_MODEL=ViT-B-16 measures the real architecture (about 4 minutes on 2 cores; the
+    figure is printed, run pytest with -s to see it).
+    """
     domain = next_domain_id()
+    model = os.environ.get("OVSEG_MEMORY_MODEL", "ovseg-tiny")
     params = big_vocabulary_file(tmp_path, 10_000, templates="single")
-    cmd = node_command() + ["--params-file", str(params), "-p", "background_words:=[sky]"]
+    cmd = node_command(f"model.name:={model}") + [
+        "--params-file",
+        str(params),
+        "-p",
+        "background_words:=[sky]",
+    ]
     with child_process(cmd, ros_env(domain)) as proc, ros_client(domain) as (node, executor):
         ovseg = NodeProcess(proc)
         labels = Inbox(node, Image, "/ovseg/labels", RELIABLE)
         camera = CameraStream(node, sample("astronaut", 640, 480), RELIABLE, rate_hz=2.0)
-        wait(executor, lambda: labels.count >= 1, 240, "a labelled 640x480 frame", ovseg)
+        wait(executor, lambda: labels.count >= 1, 600, "a labelled 640x480 frame", ovseg)
         peak = peak_rss_mb(proc.pid)
         camera.stop()
         out = labels.last
+    print(f"\n{model}, 10,000 classes, 640x480: peak RSS of ovseg_node {peak:.0f} MB")
     assert (out.width, out.height, out.encoding) == (640, 480, "mono16")
     assert peak < 2048, f"peak RSS {peak:.0f} MB"
 

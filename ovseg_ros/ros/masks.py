@@ -117,16 +117,18 @@ class MaskTopics:
         with self._lock:
             return any(p.get_subscription_count() > 0 for p in self._pubs[camera].values())
 
-    def publish(
-        self, camera: str, targets: list[tuple[int, Any]], make: Callable[[int], Any]
-    ) -> int:
-        """Publish make(class id) on each target still in the map; return how many were sent."""
+    def publish(self, camera: str, messages: list[tuple[Any, Any]]) -> int:
+        """Publish (publisher, message) pairs whose publisher is still in the map; how many.
+
+        The messages are built by the caller beforehand: only the liveness check and the publish
+        calls hold the lock that sync (the executor thread) needs.
+        """
         sent = 0
         with self._lock:
             live = self._pubs[camera]
-            for cid, pub in targets:
+            for pub, msg in messages:
                 if live.get(self._slug_of(pub)) is pub:
-                    pub.publish(make(cid))
+                    pub.publish(msg)
                     sent += 1
         return sent
 

@@ -89,6 +89,8 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 #: The name of the single camera when `cameras` is empty.
 DEFAULT_CAMERA = ""
+#: Seconds a new class map waits for its subscribers' acknowledgements before it is used.
+ACK_SECONDS = 1.0
 
 
 # --- small pure helpers (tested without ROS) -------------------------------------------------
@@ -190,7 +192,8 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
         self._announced: Vocabulary | None = None
         self._slugs: dict[int, tuple[list[str], dict[str, int]]] = {}  # version -> slugs, ids
         self._label_info_frame = ""
-        self._reverting = False
+        self._reverting = 0  # the thread undoing a failed change (its parameter sets pass)
+        self._method_request = ""
         self._change_error = ""  # last failure of a requested vocabulary / method change
         self._change_error_at = -1e9
         self._window = D.LatencyWindow()
@@ -331,6 +334,25 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
         self._set_mask_classes(vocab)
         self._publish_classmap(vocab, announcement.stamp)
 
+    def _wait_for_delivery(self) -> None:
+        """Wait until every subscriber of the class-map topics has the last one (bounded)."""
+        from rclpy.duration import Duration
+
+        deadline = time.monotonic() + ACK_SECONDS
+        for pub in (self._vocab_pub, self._label_info_pub):
+            left = deadline - time.monotonic()
+            if pub is None or left <= 0:
+                continue
+            try:
+                if not pub.wait_for_all_acked(Duration(nanoseconds=int(left * 1e9))):
+                    self._logger.warning(
+                        f"{pub.topic_name}: not every subscriber acknowledged the class map "
+                        f"within {ACK_SECONDS:g} s; using it anyway",
+                        throttle_duration_sec=30.0,
+                    )
+            except Exception:  # noqa: BLE001 - an rmw without the call: nothing to wait for
+                return
+
     def _publish_classmap(self, vocab: Vocabulary, stamp: int) -> None:
         slugs, _ = self._slug_map(vocab)
         self._vocab_pub.publish(
@@ -412,7 +434,9 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
                     f"v{vocab.version} announced again from the new stamp"
                 )
                 self._publish_classmap(vocab, again.stamp)
-            if header.frame_id and header.frame_id != self._label_info_frame:
+            if header.frame_id and not self._label_info_frame:
+                # The first camera frame_id seen: LabelInfo carries one (with several cameras,
+                # the first camera's), republished once rather than flipping between cameras.
                 self._label_info_frame = header.frame_id
                 self._publish_label_info(vocab, self._stamps.current.stamp)
             if want_labels:
@@ -426,11 +450,11 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
             if opts.publish_masks:
                 _, ids = self._slug_map(vocab)
                 targets = self._masks.targets(cam.name, ids)
-                self._masks.publish(
-                    cam.name,
-                    targets,
-                    lambda cid: mono8_to_msg(class_mask(result.labels, cid), header),
-                )
+                masks = [
+                    (pub, mono8_to_msg(class_mask(result.labels, cid), header))
+                    for cid, pub in targets
+                ]
+                self._masks.publish(cam.name, masks)
             if want_info:
                 info = scaled_camera_info(cam.camera_info, rgb.shape[1], rgb.shape[0])
                 info.header = header_copy(header)

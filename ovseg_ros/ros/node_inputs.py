@@ -9,6 +9,7 @@ that arrives on both meanwhile is taken once.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -42,7 +43,7 @@ class Camera:
         self.image_sub = None
         self.old_image_sub = None  # input.qos auto: the subscription being replaced
         self.switch_started = 0.0
-        self.last_key: tuple[int, str] | None = None  # stamp + frame_id of the newest frame
+        self.recent_keys: deque[tuple[int, str]] = deque(maxlen=8)  # stamp + frame_id seen
         self.info_sub = None
         self.reliability: ReliabilityPolicy | None = None
         self.camera_info: CameraInfo | None = None
@@ -195,9 +196,11 @@ class InputHandling:
         if not self._worker.enabled:
             return
         if cam.old_image_sub is not None:
-            # While an input QoS switch overlaps two subscriptions, a frame arrives twice.
+            # While an input QoS switch overlaps two subscriptions, a frame arrives twice. Frames
+            # without a stamp cannot be told apart: they are all taken (a repeat only replaces
+            # the waiting frame).
             key = (classmap.stamp_ns(msg.header), msg.header.frame_id)
-            if key == cam.last_key:
+            if key[0] and key in cam.recent_keys:
                 return
-            cam.last_key = key
+            cam.recent_keys.append(key)
         self._slots.put(Frame(camera=cam.name, image=msg, header=msg.header))

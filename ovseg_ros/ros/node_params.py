@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,7 @@ from rclpy.exceptions import ParameterUninitializedException
 from rclpy.parameter import Parameter
 
 from ..engine.config import TEMPLATE_SETS
-from ..engine.methods import make_params
+from ..engine.methods import create_method, make_params
 from ..engine.text import excerpt, parse_background, parse_vocabulary
 from . import diagnostics as D
 from . import params as P
@@ -146,8 +147,8 @@ class ParameterHandling:
 
     def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Validate a change; apply cheap ones now, queue vocabulary/method builds."""
-        if self._reverting:
-            return SetParametersResult(successful=True)
+        if self._reverting == threading.get_ident():
+            return SetParametersResult(successful=True)  # this thread is undoing a failed change
         changes = {p.name: _param_value(p) for p in parameters}
         for name, value in list(changes.items()):
             if value is None and name in self._specs and self._specs[name].kind == "string_array":
@@ -190,6 +191,9 @@ class ParameterHandling:
         )
         for name in sorted(changed_methods):
             make_params(name, P.method_overrides(values, name))  # unknown name, type, range
+            if name == method:
+                candidate = create_method(name, P.method_overrides(values, name))
+                self.segmenter.check(self.segmenter.config, candidate)  # tokens per crop
         if method in changed_methods:
             overrides = P.method_overrides(values, method)
             actions.append(lambda: self._request_method(method, overrides))
@@ -205,7 +209,8 @@ class ParameterHandling:
             else:
                 node_updates[spec.attr] = value
         if engine_updates:
-            self.segmenter.config.replace(**engine_updates)  # ValueError names the parameter
+            candidate = self.segmenter.config.replace(**engine_updates)  # names the parameter
+            self.segmenter.check(candidate)  # what depends on the model (patches per crop)
             actions.append(lambda: self.segmenter.update(**engine_updates))
             if "prob_threshold" in engine_updates:
                 actions.append(self._republish_label_info)
@@ -243,12 +248,17 @@ class ParameterHandling:
                 f"encoding a vocabulary of {len(entries)} classes ({templates} templates): "
                 f"{D.names_summary(entries)}"
             )
-            self.segmenter.set_vocabulary(
+            vocab = self.segmenter.build_vocabulary(
                 entries, background, templates, progress=self._text_progress()
             )
-            vocab = self.segmenter.vocabulary
+            # Announced before it is used, and delivered (acknowledged by every subscriber of
+            # ~/vocabulary, up to ACK_SECONDS) before its first label image can be published:
+            # a client then never holds a label image whose class map it has not received.
+            # Meanwhile outputs of the old map are discarded (they would break the stamp rule).
             with self._out_lock:
                 self._announce(vocab)
+            self._wait_for_delivery()
+            self.segmenter.use_vocabulary(vocab, entries, background)
             self._change_error = ""
             self._logger.info(
                 f"vocabulary v{vocab.version} in use ({time.monotonic() - t0:.2f} s): "
@@ -261,6 +271,7 @@ class ParameterHandling:
         def job() -> None:
             t0 = time.monotonic()
             self._reconfigurer.check()
+            self._method_request = method
             self.segmenter.set_method(method, overrides)
             self._change_error = ""
             self._logger.info(
@@ -286,12 +297,20 @@ class ParameterHandling:
                 Parameter("templates", Parameter.Type.STRING, cfg.templates),
             ]
         else:
+            # The method in use, and its hyper-parameters as in use (a failed change of one of
+            # them, e.g. a proxy weights file that does not load, must not stay set).
             restore = [Parameter("method", Parameter.Type.STRING, cfg.method)]
-        self._reverting = True
+            for mp in self._method_params:
+                if mp.method != cfg.method:
+                    continue
+                in_use = cfg.method_params.get(mp.field, mp.default)
+                if self.get_parameter(mp.name).value != in_use:
+                    restore.append(Parameter(mp.name, value=in_use))
+        self._reverting = threading.get_ident()
         try:
             self.set_parameters(restore)
         finally:
-            self._reverting = False
+            self._reverting = 0
 
     def _text_progress(
         self, cancel: Callable[[], bool] | None = None

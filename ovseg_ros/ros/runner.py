@@ -132,13 +132,22 @@ def check_params_file(path: str) -> str:
             f"parameter file {path!r} holds no mapping; it needs `<node name or /**>: "
             "ros__parameters: {...}` (see the package's config/ovseg.yaml)"
         )
-    for node, section in data.items():
-        if not isinstance(section, dict) or "ros__parameters" not in section:
+    for name, section in data.items():
+        if not _holds_parameters(section):
             return (
-                f"parameter file {path!r}: the entry {str(node)[:60]!r} has no ros__parameters "
+                f"parameter file {path!r}: the entry {str(name)[:60]!r} has no ros__parameters "
                 "mapping (see the package's config/ovseg.yaml)"
             )
     return ""
+
+
+def _holds_parameters(section: object, depth: int = 0) -> bool:
+    """Whether a node entry (or a namespace of them, as rcl allows) has ros__parameters."""
+    if not isinstance(section, dict) or depth > 16:
+        return False
+    if "ros__parameters" in section:
+        return isinstance(section["ros__parameters"], dict)
+    return bool(section) and all(_holds_parameters(v, depth + 1) for v in section.values())
 
 
 def _threads_alive() -> bool:

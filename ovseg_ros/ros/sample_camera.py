@@ -885,6 +885,16 @@ class SampleCameraNode(Node):
                 incompatible_qos=lambda event: self._on_incompatible_subscription(topic, event)
             )
 
+        # The class maps first: rclpy's executor takes ready subscriptions in the order they were
+        # created, so a class map and a label image waiting together are handled map first, and
+        # the node delivers a map before any label image that uses it (README, class-map rule).
+        self.create_subscription(
+            String,
+            self.vocabulary_topic,
+            self._on_vocabulary,
+            VOCABULARY_QOS,
+            event_callbacks=sub_events(self.vocabulary_topic),
+        )
         self.create_subscription(
             Image,
             self.labels_topic,
@@ -898,13 +908,6 @@ class SampleCameraNode(Node):
             self._on_overlay,
             OUTPUT_QOS,
             event_callbacks=sub_events(self.overlay_topic),
-        )
-        self.create_subscription(
-            String,
-            self.vocabulary_topic,
-            self._on_vocabulary,
-            VOCABULARY_QOS,
-            event_callbacks=sub_events(self.vocabulary_topic),
         )
         self._publish_timer = self.create_timer(1.0 / options.rate, self._publish_next)
         self._report_timer = self.create_timer(options.report_period, self._report)
