@@ -21,6 +21,8 @@ from .worker import Frame
 
 #: Seconds an input subscription re-made for input.qos auto overlaps the old one at most.
 QOS_SWITCH_SECONDS = 5.0
+#: Seconds the old subscription stays after the new one matched, when no frame came in on both.
+QOS_SWITCH_GRACE = 1.0
 
 
 def choose_reliability(publisher_reliabilities: list[ReliabilityPolicy]) -> ReliabilityPolicy:
@@ -43,6 +45,8 @@ class Camera:
         self.image_sub = None
         self.old_image_sub = None  # input.qos auto: the subscription being replaced
         self.switch_started = 0.0
+        self.switch_matched_at = 0.0  # when the new subscription had matched every publisher
+        self.switch_confirmed = False  # a frame came in on both subscriptions
         self.recent_keys: deque[tuple[int, str]] = deque(maxlen=8)  # stamp + frame_id seen
         self.info_sub = None
         self.reliability: ReliabilityPolicy | None = None
@@ -91,6 +95,8 @@ class InputHandling:
             self.destroy_subscription(cam.old_image_sub)
         cam.old_image_sub = cam.image_sub
         cam.switch_started = time.monotonic()
+        cam.switch_matched_at = 0.0
+        cam.switch_confirmed = False
         msg_type = CompressedImage if self._options.transport == "compressed" else Image
         cam.image_sub = self.create_subscription(
             msg_type,
@@ -109,15 +115,23 @@ class InputHandling:
             )
 
     def _finish_switch(self, cam: Camera) -> None:
-        """Drop the replaced subscription once the new one has matched every publisher."""
+        """Drop the replaced subscription once frames certainly reach the new one.
+
+        Certain when a frame arrived on both (the overlap saw it twice), or a while after the new
+        subscription matched every publisher: the subscription side reports the match before
+        each publisher has matched it back, and a frame sent in between reaches only the old one.
+        """
         old = cam.old_image_sub
         if old is None:
             return
+        now = time.monotonic()
         count = getattr(cam.image_sub, "get_publisher_count", None)  # Iron and newer
-        matched = count is not None and count() >= len(
+        if count is not None and count() >= len(
             self._publisher_reliabilities(cam.image_sub.topic_name)
-        )
-        if matched or time.monotonic() - cam.switch_started > QOS_SWITCH_SECONDS:
+        ):
+            cam.switch_matched_at = cam.switch_matched_at or now
+        settled = cam.switch_matched_at and now - cam.switch_matched_at >= QOS_SWITCH_GRACE
+        if cam.switch_confirmed or settled or now - cam.switch_started > QOS_SWITCH_SECONDS:
             cam.old_image_sub = None
             self.destroy_subscription(old)
 
@@ -201,6 +215,7 @@ class InputHandling:
             # the waiting frame).
             key = (classmap.stamp_ns(msg.header), msg.header.frame_id)
             if key[0] and key in cam.recent_keys:
+                cam.switch_confirmed = True  # both subscriptions deliver: the old can go
                 return
             cam.recent_keys.append(key)
         self._slots.put(Frame(camera=cam.name, image=msg, header=msg.header))
