@@ -185,20 +185,26 @@ def launch_arguments(share_dir: str | os.PathLike) -> list[tuple[str, str, str]]
     ]
 
 
+def _load_yaml(argument: str, text: str, advice: str) -> object:
+    """A launch argument read as YAML; LaunchArgumentError with `advice` when it is not YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise LaunchArgumentError(
+            f"{argument}:={text!r} is not valid YAML ({problem}); {advice}"
+        ) from exc
+
+
 def parse_vocabulary(text: str) -> list[str]:
     """The class list of a `vocabulary` argument such as "[door, chair, 'red mug; coffee mug']".
 
     Raises LaunchArgumentError naming the problem when the text is not a non-empty YAML list of
     non-empty strings (YAML reads yes/no/on/off, numbers and null as other types: quote them).
     """
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        problem = str(getattr(exc, "problem", None) or exc).strip()
-        raise LaunchArgumentError(
-            f"vocabulary:={text!r} is not valid YAML ({problem}); "
-            f"write a list of class names, e.g. {_VOCABULARY_EXAMPLE}"
-        ) from exc
+    value = _load_yaml(
+        "vocabulary", text, f"write a list of class names, e.g. {_VOCABULARY_EXAMPLE}"
+    )
     if not isinstance(value, list):
         raise LaunchArgumentError(
             f"vocabulary:={text!r} is not a list (YAML reads it as {type(value).__name__} "
@@ -422,14 +428,7 @@ def parse_params(text: str, known: Mapping[str, object] | None = None) -> dict[s
     """
     if not text.strip():
         return {}
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        problem = str(getattr(exc, "problem", None) or exc).strip()
-        raise LaunchArgumentError(
-            f"params:={text!r} is not valid YAML ({problem}); write a mapping, e.g. "
-            f"{_PARAMS_EXAMPLE}"
-        ) from exc
+    value = _load_yaml("params", text, f"write a mapping, e.g. {_PARAMS_EXAMPLE}")
     if not isinstance(value, dict):
         raise LaunchArgumentError(
             f"params:={text!r} is not a mapping (YAML reads it as {type(value).__name__}); "
