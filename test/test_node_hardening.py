@@ -24,7 +24,7 @@ from std_msgs.msg import String
 from ovseg_ros.engine.text import MAX_CLASSES
 from ovseg_ros.ros import diagnostics as D
 from ovseg_ros.ros import node as node_module
-from ovseg_ros.ros.classmap import ClassMapHistory, stamp_ns
+from ovseg_ros.ros.classmap import ClassMapHistory, stamp_from_dict, stamp_ns
 from ovseg_ros.ros.codec import REJECTION_KINDS, msg_to_array, rgb_to_msg
 from ovseg_ros.ros.masks import mask_slugs
 
@@ -157,8 +157,7 @@ def test_every_published_label_image_pairs_with_its_class_map_by_stamp(harness, 
     history = ClassMapHistory(size=64)
     for _, msg in vocab:  # the worst order: every class map before any label image
         data = json.loads(msg.data)
-        stamp = data["stamp"]["sec"] * 1_000_000_000 + data["stamp"]["nanosec"]
-        history.add(stamp, data["version"], data)
+        history.add(stamp_from_dict(data["stamp"]), data["version"], data)
     versions = {data["version"] for _, msg in vocab for data in [json.loads(msg.data)]}
     assert len(versions) >= 5
     for _, msg in labels:

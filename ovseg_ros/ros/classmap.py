@@ -44,6 +44,16 @@ def stamp_ns(header: Any) -> int:
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
+def stamp_from_dict(data: Any) -> int:
+    """The nanoseconds of a JSON {"sec", "nanosec"} stamp; 0 when it is missing or malformed."""
+    if not isinstance(data, dict):
+        return 0
+    try:
+        return int(data.get("sec", 0)) * 1_000_000_000 + int(data.get("nanosec", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 def stamp_dict(ns: int) -> dict[str, int]:
     """{"sec", "nanosec"} of a stamp in nanoseconds (the JSON form of builtin_interfaces/Time)."""
     return {"sec": ns // 1_000_000_000, "nanosec": ns % 1_000_000_000}

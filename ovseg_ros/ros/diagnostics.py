@@ -30,11 +30,6 @@ STATS_WINDOW = 200
 #: Longest text of user origin (class names, reasons) in a diagnostics value or message.
 MAX_TEXT = 200
 
-#: Rejection kinds of the node itself (the codec's are codec.REJECTION_KINDS).
-NODE_REJECTIONS = {
-    "oversize": "larger than input.max_pixels",
-}
-
 
 def shorten(text: str, limit: int = MAX_TEXT) -> str:
     """text cut to `limit` characters, with how much was left out."""

@@ -193,7 +193,6 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
         self._slugs: dict[int, tuple[list[str], dict[str, int]]] = {}  # version -> slugs, ids
         self._label_info_frame = ""
         self._reverting = 0  # the thread undoing a failed change (its parameter sets pass)
-        self._method_request = ""
         self._change_error = ""  # last failure of a requested vocabulary / method change
         self._change_error_at = -1e9
         self._window = D.LatencyWindow()

@@ -271,7 +271,6 @@ class ParameterHandling:
         def job() -> None:
             t0 = time.monotonic()
             self._reconfigurer.check()
-            self._method_request = method
             self.segmenter.set_method(method, overrides)
             self._change_error = ""
             self._logger.info(

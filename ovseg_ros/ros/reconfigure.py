@@ -74,11 +74,6 @@ class Reconfigurer:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    @property
-    def alive(self) -> bool:
-        """Whether the thread is still running."""
-        return self._thread.is_alive()
-
     def _run(self) -> None:
         while True:
             with self._cond:

@@ -39,7 +39,8 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 
-from .classmap import ClassMapHistory
+from .classmap import ClassMapHistory, stamp_from_dict
+from .classmap import stamp_ns as _stamp_ns
 from .codec import ImageDecodeError, image_to_rgb, msg_to_array
 
 try:  # Humble has ExternalShutdownException too; the fallback only guards older releases.
@@ -503,15 +504,11 @@ def parse_vocabulary_json(text: str) -> VocabularyMap:
     unlabeled = data.get("unlabeled")
     if not isinstance(unlabeled, int) or isinstance(unlabeled, bool):
         unlabeled = None
-    stamp = data.get("stamp")
-    stamp_ns = 0
-    if isinstance(stamp, dict):
-        try:
-            stamp_ns = int(stamp.get("sec", 0)) * 1_000_000_000 + int(stamp.get("nanosec", 0))
-        except (TypeError, ValueError):
-            stamp_ns = 0
     return VocabularyMap(
-        version=data.get("version"), unlabeled=unlabeled, names=names, stamp=stamp_ns
+        version=data.get("version"),
+        unlabeled=unlabeled,
+        names=names,
+        stamp=stamp_from_dict(data.get("stamp")),
     )
 
 
@@ -817,10 +814,6 @@ VOCABULARY_QOS = QoSProfile(
     reliability=ReliabilityPolicy.RELIABLE,
     durability=DurabilityPolicy.TRANSIENT_LOCAL,
 )
-
-
-def _stamp_ns(header: Header) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 class SampleCameraNode(Node):
