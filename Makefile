@@ -15,15 +15,28 @@ RUFF := $(VENV)/bin/ruff
 SETUP_HASH := $(shell cat requirements.txt setup.py | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.ovseg-setup-$(SETUP_HASH).stamp
 
+# A second environment with the Python side of ROS 2 Jazzy (numpy 1.x, OpenCV 4, ros-jazzy-*
+# wheels; test/distro/jazzy.txt), into which the workspace requirement set is installed as the
+# README tells ROS users to: it shows that set leaves the distribution's packages as they were
+# and that the code and tests run on them.
+JAZZY_VENV ?= .venv-jazzy
+JAZZY_PY := $(JAZZY_VENV)/bin/python
+JAZZY_HASH := $(shell cat test/distro/jazzy.txt requirements-ros.txt setup.py | sha1sum | cut -c1-12)
+JAZZY_STAMP := $(JAZZY_VENV)/.ovseg-jazzy-$(JAZZY_HASH).stamp
+# The torch a user picks for the machine before requirements-ros.txt (README); here the CPU/CUDA
+# pair of requirements.txt, which pip takes from this machine's disk.
+JAZZY_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
 RUN_ARGS ?= --pretrained openai --fallback-random --duration 90
 PYTEST_ARGS ?=
 LINT_PATHS := ovseg_ros test setup.py launch
 
-.PHONY: help setup test run lint format clean distclean
+.PHONY: help setup test run lint format clean distclean setup-jazzy test-jazzy
 
 help:
 	@echo "make setup      create $(VENV) and install requirements.txt + this package (editable)"
 	@echo "make test       ruff check + pytest (PYTEST_ARGS='...' to pass options)"
+	@echo "make test-jazzy the suite in $(JAZZY_VENV): ROS 2 Jazzy's numpy 1.26 and OpenCV 4.6, requirements-ros.txt on top"
 	@echo "make run        the ROS node + a sample camera for 90 s, overlays in out/stream (RUN_ARGS='...')"
 	@echo "make lint       ruff check + ruff format --check"
 	@echo "make format     ruff format + ruff check --fix"
@@ -55,6 +68,27 @@ test: setup
 	$(RUFF) check ovseg_ros test
 	$(PY) -m pytest -q test $(PYTEST_ARGS)
 
+setup-jazzy: $(JAZZY_STAMP)
+
+$(JAZZY_STAMP):
+	@if [ ! -x "$(JAZZY_PY)" ]; then $(PYTHON_BOOTSTRAP) -m venv "$(JAZZY_VENV)"; fi
+	$(JAZZY_PY) -m pip install --quiet --upgrade pip
+	@echo ">> the distribution: ROS 2 Jazzy's Python packages (test/distro/jazzy.txt)"
+	$(JAZZY_PY) -m pip install --quiet -r test/distro/jazzy.txt
+	$(JAZZY_PY) test/distro/untouched.py snapshot $(JAZZY_VENV)/distro.json
+	@echo ">> the workspace install of the README: torch for this machine, then requirements-ros.txt"
+	$(JAZZY_PY) -m pip install --quiet $(JAZZY_TORCH)
+	$(JAZZY_PY) -m pip install --quiet -r requirements-ros.txt
+	$(JAZZY_PY) -m pip install --quiet --no-deps -e .
+	$(JAZZY_PY) test/distro/untouched.py check $(JAZZY_VENV)/distro.json
+	@rm -f $(JAZZY_VENV)/.ovseg-jazzy-*.stamp
+	@touch "$@"
+
+# The whole suite on Jazzy's numpy and OpenCV (OVSEG_DISTRO makes test_distro.py assert them).
+test-jazzy: setup-jazzy
+	$(JAZZY_PY) test/distro/untouched.py check $(JAZZY_VENV)/distro.json
+	OVSEG_DISTRO=jazzy $(JAZZY_PY) -m pytest -q test $(PYTEST_ARGS)
+
 run: setup
 	$(VENV)/bin/ovseg demo $(RUN_ARGS)
 
@@ -68,7 +102,7 @@ format: setup
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache build *.egg-info
-	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+	find . \( -path ./$(VENV) -o -path ./$(JAZZY_VENV) \) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(JAZZY_VENV)

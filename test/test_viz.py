@@ -205,7 +205,9 @@ def test_legend_lists_only_present_classes_with_their_colour_swatches():
     rows, cols = np.nonzero(changed)
     box = out[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     assert np.median(box) < 128
-    assert np.any(np.all(box == 255, axis=-1)), "white text pixels expected in the legend"
+    # Anti-aliased text peaks at 255 or a few levels below, depending on the OpenCV release
+    # (253 with 4.14): near-white, brighter than the box (89 here) and the swatch borders (200).
+    assert np.any(box.min(axis=-1) >= 230), "white text pixels expected in the legend"
     # Swatch order: class 4 (largest) is above class 2.
     rows4 = np.nonzero(np.all(out[: height // 3, : width // 3] == colors[4], axis=-1))[0]
     rows2 = np.nonzero(np.all(out[: height // 3, : width // 3] == colors[2], axis=-1))[0]
