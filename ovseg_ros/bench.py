@@ -44,6 +44,7 @@ import torch
 from .engine import Segmenter, SegmenterConfig
 from .engine.backbone import resolve_device, resolve_dtype
 from .engine.inference import dense_maps, resize
+from .engine.methods.base import collect_timings
 from .engine.templates import get_templates
 from .engine.text import TextEncoder, build_vocabulary
 
@@ -71,8 +72,8 @@ VOC20: tuple[str, ...] = (
     "tv monitor",
 )
 
-#: Methods timed when none are named: the last-block family, which needs no extra model.
-DEFAULT_METHODS: tuple[str, ...] = ("naclip", "sclip", "clearclip", "maskclip", "clip")
+#: Methods timed when none are named: PEARL and the last-block family (no extra model).
+DEFAULT_METHODS: tuple[str, ...] = ("pearl", "naclip", "sclip", "clearclip", "maskclip", "clip")
 
 FPS_NOTE = "frames/s = 1000 / mean latency of the timed frames (one frame at a time)"
 RANDOM_WEIGHTS_NOTE = (
@@ -618,6 +619,9 @@ class StepBreakdown:
 
 
 VIT_STEP = "ViT + method head (method.logits)"
+#: Parts of a method's timings (Method.record_timing) that run outside the ViT and get their own
+#: step: PEARL's propagation of the frame's logits.
+FRAME_STEP_TIMINGS = ("tlp",)
 
 
 def step_breakdown(
@@ -687,13 +691,26 @@ def step_breakdown(
             True,
         )
         normed = timed("normalise", lambda: backbone.normalize(image), True)
-        maps = timed(
-            VIT_STEP,
-            lambda: dense_maps(
-                method, backbone, normed, vocab, cfg.mode, cfg.crop, cfg.stride, cfg.max_batch
-            ),
-            True,
-        )
+        with collect_timings() as parts:
+            maps = timed(
+                VIT_STEP,
+                lambda: dense_maps(
+                    method,
+                    backbone,
+                    normed,
+                    vocab,
+                    cfg.mode,
+                    cfg.crop,
+                    cfg.stride,
+                    cfg.max_batch,
+                    frame_size=frame.shape[:2],
+                ),
+                True,
+            )
+        for key in FRAME_STEP_TIMINGS:
+            if key in parts:
+                samples[VIT_STEP][-1] -= parts[key]
+                samples.setdefault(f"method frame step: {key}", []).append(parts[key])
         pixels = timed(
             "labels: upsample, softmax, argmax, thresholds (Segmenter._labels)",
             lambda: segmenter._labels(maps, image, cfg, frame.shape[:2]),
@@ -1137,15 +1154,11 @@ def plot_latency(rows: Sequence[Row], path: Path, title: str = "") -> Path:
         ax.tick_params(axis="y", labelsize=8)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    fig.legend(
-        list(handles.values()),
-        list(handles),
-        title="input size",
-        loc="outside lower center",
-        ncols=len(handles),
-        fontsize=8,
-        title_fontsize=8,
-    )
+    legend = {"title": "input size", "ncols": len(handles), "fontsize": 8, "title_fontsize": 8}
+    try:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", **legend)
+    except ValueError:  # matplotlib < 3.7 (Ubuntu 24.04 has 3.6) has no "outside" placement
+        axes[0].legend(list(handles.values()), list(handles), loc="upper left", **legend)
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)

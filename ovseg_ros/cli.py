@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="*",
         metavar="NAME",
-        help="methods to time, or 'all' [naclip sclip clearclip maskclip clip]",
+        help="methods to time, or 'all' [pearl naclip sclip clearclip maskclip clip]",
     )
     bench.add_argument(
         "--modes", nargs="+", default=["whole"], choices=["whole", "slide"], help="[whole]"

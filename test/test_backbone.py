@@ -647,7 +647,12 @@ def test_config_from_dotted_parameter_names():
     from ovseg_ros.engine import SegmenterConfig
 
     cfg = SegmenterConfig.from_params(
-        {"model.name": "ovseg-tiny", "input.short_side": 224, "method_params.sigma": 3.0}
+        {
+            "model.name": "ovseg-tiny",
+            "input.short_side": 224,
+            "method": "naclip",
+            "method_params.sigma": 3.0,
+        }
     )
     assert (cfg.model_name, cfg.short_side, cfg.method_params) == (
         "ovseg-tiny",

@@ -135,6 +135,8 @@ def test_flags_map_onto_config_fields():
             "--mode",
             "slide",
             "--background-words",
+            "--method",
+            "naclip",
             "--param",
             "sigma=3",
             "--refine",

@@ -59,8 +59,9 @@ def test_voc_samples_end_to_end_writes_json_and_markdown_reproducibly(
     assert first["dataset"]["images_found"] == 14 and first["dataset"]["limit"] == 3
     assert len(first["metrics"]["classes"]) == 21
     assert 0 <= first["metrics"]["mIoU"] <= 100
-    # the protocol's preset, with the engine flags given on the command line on top
-    assert first["config"]["short_side"] == 224 and first["config"]["mode"] == "slide"
+    # the protocol's preset (the default method PEARL's: VOC21 on the whole image), with the
+    # engine flags given on the command line on top
+    assert first["config"]["short_side"] == 224 and first["config"]["mode"] == "whole"
     assert first["config"]["prob_threshold"] == 0.1 and first["config"]["templates"] == "single"
     assert first["vocabulary"]["background_class"] == 0
     assert len(first["vocabulary"]["background_words"]) == 26
@@ -149,7 +150,8 @@ def test_config_precedence_protocol_preset_class_file_flags(tmp_path):
 
     args = parse(
         "--dataset", "voc21", "--root", str(tmp_path), "--short-side", "224",
-        "--prob-threshold", "0.3", "--background-words", "sky", "--param", "sigma=3",
+        "--prob-threshold", "0.3", "--background-words", "sky", "--method", "naclip",
+        "--param", "sigma=3",
     )  # fmt: skip
     vocab = eval_vocabulary(args)
     cfg = eval_config(args, dataset_spec(args, vocab), vocab)

@@ -257,7 +257,9 @@ def test_labels_follow_the_logits(make_segmenter):
 def test_whole_mode_resamples_the_grid_straight_to_the_frame(make_segmenter, tiny_backbone):
     # Official order, whole mode (NACLIP's forward_feature at the original size, CLIPer's
     # main_ovs): grid logits -> one bilinear step to the frame -> softmax -> argmax.
-    seg = make_segmenter(vocabulary=["cat; kitten", "dog", "car"], background_words=["sky"])
+    seg = make_segmenter(
+        method="naclip", vocabulary=["cat; kitten", "dog", "car"], background_words=["sky"]
+    )
     seg.update(short_side=32)
     image = random_image(48, 96, seed=11)  # model input 32 x 64: no padding, grid 2 x 4
     result = seg.segment(image)
@@ -275,7 +277,7 @@ def test_whole_mode_resamples_the_grid_straight_to_the_frame(make_segmenter, tin
 def test_whole_mode_samples_each_frame_pixel_at_its_own_position(make_segmenter, tiny_backbone):
     # With padding the grid covers more than the image; a grid holding each cell centre's input
     # x coordinate must come out as each frame pixel centre's input coordinate.
-    seg = make_segmenter()
+    seg = make_segmenter(method="naclip")
     image = seg.backbone.normalize(torch.zeros(1, 3, 40, 50))  # padded to 48 x 64: grid 3 x 4
     maps = dense_maps(seg.method, tiny_backbone, image, seg.vocabulary)
     assert maps.padded == (48, 64) and maps.grids.shape[-2:] == (3, 4)
@@ -288,7 +290,9 @@ def test_whole_mode_samples_each_frame_pixel_at_its_own_position(make_segmenter,
 
 def test_slide_mode_averages_crops_at_the_input_then_resamples_to_the_frame(make_segmenter):
     # NACLIP's forward_slide: crops upsampled to their size, averaged, then to the frame.
-    seg = make_segmenter(vocabulary=["cat", "dog", "car"], background_words=["sky"])
+    seg = make_segmenter(
+        method="naclip", vocabulary=["cat", "dog", "car"], background_words=["sky"]
+    )
     seg.update(short_side=32, mode="slide", crop=32, stride=16)
     image = random_image(45, 70, seed=12)
     logits, vocab = seg.dense_logits(image)
@@ -387,7 +391,7 @@ def test_area_threshold_suppressing_every_class_leaves_pixels_unlabeled(make_seg
 
 
 def test_result_summary(make_segmenter):
-    seg = make_segmenter(short_side=48)
+    seg = make_segmenter(method="naclip", short_side=48)
     result = seg.segment(random_image(48, 64))
     summary = json.loads(json.dumps(result.summary()))
     assert summary["vocabulary_version"] == seg.vocabulary.version == result.version

@@ -178,7 +178,7 @@ def test_parameters_are_declared_with_descriptors(harness, tiny_backbone):
 
 
 def test_runtime_parameter_changes(harness, tiny_backbone):
-    h = harness(backbone=tiny_backbone)
+    h = harness(backbone=tiny_backbone, method="naclip")
     node = h.node
     [r] = h.set_parameters(Parameter("model.name", value="ViT-L-14"))
     assert not r.successful and "read-only" in r.reason.lower()
@@ -551,7 +551,7 @@ def test_diagnostics_are_published(harness, tiny_backbone):
         "vocabulary version",
     ):
         assert key in values, key
-    assert values["method"] == "naclip" and values["vocabulary version"] == "1"
+    assert values["method"] == "pearl" and values["vocabulary version"] == "1"
     assert float(values["latency ms p50 (input stamp to publish)"]) > 0
 
 
@@ -618,8 +618,8 @@ def test_a_method_that_cannot_load_leaves_the_old_one_serving(harness, tiny_back
     [r] = h.set_parameters(Parameter("method", value="proxyclip"))
     assert r.successful
     h.wait_reconfigured(timeout=120)
-    assert h.spin_until(lambda: h.node.get_parameter("method").value == "naclip", timeout=10)
-    assert h.node.segmenter.config.method == "naclip"
+    assert h.spin_until(lambda: h.node.get_parameter("method").value == "pearl", timeout=10)
+    assert h.node.segmenter.config.method == "pearl"
     status = h.node.diagnostics()
     # Undone, so the node works: a warning (for a minute), not an error.
     assert status.level == status.WARN and "method change failed" in status.message

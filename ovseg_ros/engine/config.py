@@ -157,7 +157,9 @@ class SegmenterConfig:
         ),
     )
     method: str = field(
-        default="naclip",
+        # PEARL: the strongest CLIP-only method, within 1.2x NACLIP's CPU cost (BENCHMARKS.md,
+        # "PEARL vs NACLIP"); NACLIP is `method: naclip`.
+        default="pearl",
         metadata=_opt("method", "segmentation method (registry name)", runtime=True),
     )
     method_params: dict[str, Any] = field(

@@ -168,11 +168,14 @@ def dense_maps(
     crop: int = 224,
     stride: int = 112,
     max_batch: int = 16,
+    frame_size: tuple[int, int] | None = None,
 ) -> DenseMaps:
     """The method's outputs over one normalised (1, 3, H, W) image: one pass, or sliding crops.
 
     Slide: windows of crop x crop pixels every `stride` (the last one aligned to the end), each
     padded to a patch multiple; their outputs are averaged where they overlap (DenseMaps).
+    A method with a frame step (PEARL's propagation) then transforms the maps; `frame_size`, the
+    size they will be labelled at, defaults to the image's.
     """
     _, _, h, w = image.shape
     if mode == "slide":
@@ -183,7 +186,7 @@ def dense_maps(
     crops = torch.cat([image[..., y : y + ch, x : x + cw] for y, x in boxes])
     padded = pad_to_multiple(crops, backbone.patch_size)
     grids = _method_grids(method, backbone, padded, vocab, max_batch)
-    return DenseMaps(
+    maps = DenseMaps(
         grids=grids,
         boxes=boxes,
         crop=(ch, cw),
@@ -192,3 +195,6 @@ def dense_maps(
         method=method,
         vocab=vocab,
     )
+    if getattr(method, "has_frame_step", False):  # stand-ins for a Method may lack the flag
+        maps = method.frame_maps(maps, image, tuple(frame_size or (h, w)))
+    return maps

@@ -142,6 +142,7 @@ class Segmenter:
         self._vocab: Vocabulary = self._build_vocab(
             cfg.vocabulary, cfg.background_words, cfg.templates, progress
         )
+        self.method.bind_vocabulary(self._vocab)
 
     def check(self, config: SegmenterConfig, method: Method | None = None) -> None:
         """ValueError when `config` (with `method`, default the current one) cannot run here.
@@ -156,6 +157,20 @@ class Segmenter:
     def device(self) -> torch.device:
         """Where inference runs."""
         return self.backbone.device
+
+    def close(self) -> None:
+        """Release the method's auxiliary models and drop this segmenter's model references.
+
+        The segmenter is unusable afterwards; the backbone's memory is freed once nobody else
+        holds it (a backbone passed in by the caller stays theirs). Call memory.free_memory()
+        afterwards to hand the memory back to the system.
+        """
+        with self._lock:
+            method = self.method
+        method.release()
+        self.text = None
+        self.backbone = None
+        self._staging = None
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -203,7 +218,11 @@ class Segmenter:
         cfg = self.config
         background = cfg.background_words if background_words is None else list(background_words)
         templates = cfg.templates if templates is None else templates
-        return self._build_vocab(list(entries), background, templates, progress)
+        vocab = self._build_vocab(list(entries), background, templates, progress)
+        # The method's per-vocabulary work happens here, with the encoding (the node builds in
+        # the background and announces the map before use_vocabulary, which then finds it bound).
+        self.method.bind_vocabulary(vocab)
+        return vocab
 
     def use_vocabulary(
         self, vocab: Vocabulary, entries: Sequence[str], background_words: Sequence[str]
@@ -212,6 +231,9 @@ class Segmenter:
 
         `entries` and `background_words` are what it was built from, kept in the config as given.
         """
+        # Outside the lock (the current method keeps serving frames); a cache hit when
+        # build_vocabulary bound it for this method already.
+        self.method.bind_vocabulary(vocab)
         with self._lock:
             self._vocab = vocab
             # The config of now, not of the build's start: a long build must not undo the
@@ -232,6 +254,7 @@ class Segmenter:
         method = create_method(name, params or {})
         self.check(self.config, method)
         method.prepare(self.backbone)
+        method.bind_vocabulary(self._vocab)
         with self._lock:
             old, self.method = self.method, method
             self.config = dataclasses.replace(
@@ -302,7 +325,15 @@ class Segmenter:
         image = resize(self._staging.upload(rgb, self.device), cfg.short_side, patch)
         normed = self.backbone.normalize(image)
         maps = dense_maps(
-            method, self.backbone, normed, vocab, cfg.mode, cfg.crop, cfg.stride, cfg.max_batch
+            method,
+            self.backbone,
+            normed,
+            vocab,
+            cfg.mode,
+            cfg.crop,
+            cfg.stride,
+            cfg.max_batch,
+            frame_size=rgb.shape[:2],
         )
         return maps, image
 

@@ -19,12 +19,28 @@ from .vocabularies import EvalVocabulary, available_vocabularies, resolve_vocabu
 #: 224 with stride 112 (the engine's crop/stride defaults) and the 80 ImageNet templates.
 PROTOCOL: dict[str, object] = {"mode": "slide", "templates": "imagenet80"}
 
+#: Where a method's official configs change a preset: method -> dataset -> settings, with
+#: "method_params" merged under the --param flags. PEARL (PGSmall/PEARL configs/cfg_*.py): VOC21
+#: and VOC20 on the whole image (slide_crop 0), COCO-Stuff at 336, alpha_kk 0.3 for ADE20K and
+#: Cityscapes, TLP grid 224 for Cityscapes; its other settings are the common protocol's.
+METHOD_PROTOCOLS: dict[str, dict[str, dict[str, object]]] = {
+    "pearl": {
+        "voc21": {"mode": "whole"},
+        "voc20": {"mode": "whole"},
+        "coco_stuff": {"short_side": 336},
+        "cityscapes": {"method_params": {"alpha_kk": 0.3, "grid": 224}},
+        "ade20k": {"method_params": {"alpha_kk": 0.3}},
+    },
+}
+
 EPILOG = """\
 presets (short side; published protocol settings; flags given override them):
   voc21 336, prob threshold 0.1     voc20 336        context60 336, prob threshold 0.1
   context59 336     coco_object 336, prob threshold 0.1     coco_stuff 448
   cityscapes 560    ade20k 336      folder (a class file: --vocabulary FILE, or ROOT/classes.txt)
 every preset: slide 224/112, imagenet80 templates, the class file of the same name
+--method pearl (its configs): voc21 and voc20 whole image, coco_stuff 336,
+  ade20k alpha_kk 0.3, cityscapes alpha_kk 0.3 and grid 224
 """
 
 
@@ -107,17 +123,22 @@ def dataset_spec(args: argparse.Namespace, vocabulary: EvalVocabulary) -> Datase
 def eval_config(
     args: argparse.Namespace, spec: DatasetSpec, vocabulary: EvalVocabulary
 ) -> SegmenterConfig:
-    """Engine defaults < protocol < preset < class file < flags given on the command line."""
+    """Engine defaults < protocol < preset < method's preset < class file < flags given."""
     # --vocabulary names the class file here, so it is no engine field given on the command line.
     flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "vocabulary"})
     given = config_from_args(flags)  # validates the flags and parses --param
     explicit = set(vars(flags)) & {f.name for f in dataclasses.fields(SegmenterConfig)}
+    method_preset = dict(METHOD_PROTOCOLS.get(given.method, {}).get(spec.name, {}))
+    params = dict(method_preset.pop("method_params", {}))  # type: ignore[call-overload]
     preset: dict[str, object] = {
         **PROTOCOL,
         **spec.settings,
+        **method_preset,
         "vocabulary": vocabulary.engine_entries(),
         "background_words": vocabulary.background_words,
     }
+    if params:
+        preset["method_params"] = {**params, **given.method_params}
     return given.replace(**{k: v for k, v in preset.items() if k not in explicit})
 
 

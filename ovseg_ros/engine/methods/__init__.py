@@ -4,6 +4,7 @@ from . import (
     cliper,  # noqa: F401 - registers CLIPer
     cliptrase,  # noqa: F401 - registers CLIPtrase
     last_block,  # noqa: F401 - registers the last-block methods
+    pearl,  # noqa: F401 - registers PEARL
     proxyclip,  # noqa: F401 - registers ProxyCLIP
 )
 from .base import (

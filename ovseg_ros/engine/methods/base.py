@@ -7,12 +7,15 @@ import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..backbone import Backbone
 from ..text import Vocabulary
+
+if TYPE_CHECKING:
+    from ..labeling import DenseMaps
 
 
 @dataclass
@@ -30,6 +33,8 @@ class Method:
     summary: ClassVar[str] = ""
     #: Whether the engine calls pixel_logits on the upsampled maps (see there).
     has_pixel_step: ClassVar[bool] = False
+    #: Whether inference.dense_maps hands the frame's maps to frame_maps (may depend on params).
+    has_frame_step: bool = False
 
     def __init__(self, params: MethodParams) -> None:
         """Keep the validated hyper-parameters."""
@@ -45,6 +50,14 @@ class Method:
 
     def release(self) -> None:
         """Free what prepare() loaded; the method may be prepared again afterwards."""
+
+    def bind_vocabulary(self, vocab: Vocabulary) -> None:
+        """Precompute what depends only on the vocabulary (the Segmenter calls it on a change).
+
+        Called before a vocabulary is swapped in (and for a new method with the current one), so
+        per-frame work can look the result up; a frame whose vocabulary was not bound must still
+        work (computing it then). Must be thread-safe and cheap to repeat for the same vocab.
+        """
 
     def token_patch(self, backbone: Backbone) -> int:
         """The finest patch (pixels) of any transformer this method runs: bounds its token count."""
@@ -71,6 +84,16 @@ class Method:
         `grid` is the same queries' (qc, h, w) outputs as logits() returned them. The engine then
         takes the softmax over queries and the argmax of the returned logits. A method whose
         labelling needs the full-resolution map of a query (its spatial maximum, say) does it here.
+        """
+        raise NotImplementedError
+
+    def frame_maps(
+        self, maps: DenseMaps, image: torch.Tensor, frame_size: tuple[int, int]
+    ) -> DenseMaps:
+        """The frame's maps after a step that needs all crops and queries (has_frame_step only).
+
+        `maps` are the crops' outputs of the normalised model input `image` (1, 3, H', W'), which
+        will be labelled at `frame_size`. PEARL's propagation stitches them onto its own grid.
         """
         raise NotImplementedError
 
