@@ -597,3 +597,18 @@ def test_ctrl_c_stops_cleanly(tmp_path, how):
     assert proc.returncode == 0, text
     assert f"stopped (interrupted by {how})" in text and "published" in text
     assert "Traceback" not in text
+
+
+def test_yuv422_fallback_matches_what_opencv_decodes():
+    """The numpy 4:2:2 encoder used with OpenCV < 4.7 round-trips through OpenCV's decoder."""
+    from ovseg_ros.ros.sample_camera import _rgb_to_yuv422
+
+    rgb = smooth_rgb()
+    for uyvy, code in ((True, cv2.COLOR_YUV2RGB_UYVY), (False, cv2.COLOR_YUV2RGB_YUY2)):
+        packed = _rgb_to_yuv422(rgb, uyvy)
+        assert packed.shape == (*rgb.shape[:2], 2) and packed.dtype == np.uint8
+        back = cv2.cvtColor(packed, code)
+        assert np.abs(back.astype(int) - rgb.astype(int)).mean() < 4
+        if hasattr(cv2, "COLOR_RGB2YUV_UYVY"):  # OpenCV >= 4.7: the same bytes within rounding
+            ref = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_UYVY if uyvy else cv2.COLOR_RGB2YUV_YUY2)
+            assert np.abs(ref.astype(int) - packed.astype(int)).max() <= 2

@@ -84,6 +84,8 @@ def node_command(args: argparse.Namespace, share: Path, pretrained: str) -> list
         overrides["device"] = args.device
     for key, value in overrides.items():
         cmd += ["-p", f"{key}:={value}"]
+    if args.depth:
+        cmd += ["-p", "depth.enabled:=true"]
     if args.vocabulary:
         quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in args.vocabulary)
         cmd += ["-p", f"vocabulary:=[{quoted}]"]
@@ -98,6 +100,8 @@ def camera_command(args: argparse.Namespace) -> list[str]:
     if args.source:
         kind, _, value = args.source.partition(":")
         cmd += [f"--{kind}", value]
+    if args.depth:
+        cmd += ["--depth"]
     cmd += ["--require-output"]
     return cmd
 
@@ -133,6 +137,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--device", help="device (default: the params file's)")
     parser.add_argument("--vocabulary", nargs="+", help="class names (default: the params file's)")
     parser.add_argument("--params-file", help="node parameters [config/ovseg.yaml]")
+    parser.add_argument(
+        "--depth",
+        action="store_true",
+        help="the camera also publishes a synthetic registered depth (a floor plane) and the "
+        "node publishes ~/points (depth.enabled)",
+    )
     parser.add_argument("--domain-id", type=int, help="ROS_DOMAIN_ID for both processes")
     parser.add_argument(
         "--fallback-random",

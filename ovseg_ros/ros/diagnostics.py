@@ -16,6 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -162,3 +163,20 @@ def camera_problems(
 def rejection_values(prefix: str, counters: CameraCounters, kinds: Iterable[str]) -> list:
     """(key, value) pairs: one per rejection kind, zeros included, so the set is complete."""
     return [(f"{prefix}rejected: {kind}", str(counters.rejected.get(kind, 0))) for kind in kinds]
+
+
+def depth_values(prefix: str, depth: Any) -> list[tuple[str, str]]:
+    """(key, value) pairs of a camera's depth input (depth.DepthInput) and ~/points."""
+    return [
+        (f"{prefix}depth images received", str(depth.received)),
+        (f"{prefix}points published", str(depth.published)),
+        (f"{prefix}points not made: no depth within depth.tolerance", str(depth.missing)),
+        (f"{prefix}points not made: bad depth or camera_info", str(depth.unusable)),
+    ]
+
+
+def depth_problems(label: str, depth: Any, now: float) -> list[Problem]:
+    """WARN while clouds were not made in the last WINDOW seconds (the latest reason)."""
+    if now - depth.problem_at <= WINDOW:
+        return [Problem(1, f"{label}: ~/points not published: {shorten(depth.problem)}")]
+    return []

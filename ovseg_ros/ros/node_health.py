@@ -39,6 +39,8 @@ class HealthReporting:
                 if why:
                     problems.append(f"{topic}: publisher {info.node_name} ({why})")
             for pub in (cam.labels_pub, cam.confidence_pub, cam.overlay_pub, cam.info_pub):
+                if pub is None:
+                    continue
                 for info in self.get_subscriptions_info_by_topic(pub.topic_name):
                     if info.node_name == me:
                         continue
@@ -87,6 +89,9 @@ class HealthReporting:
                 (p + "mask topics", str(self._masks.count(cam.name))),
             ]
             values += D.rejection_values(p, cam.stats, REJECTION_KINDS)
+            if cam.depth is not None:
+                values += D.depth_values(p, cam.depth)
+                problems += D.depth_problems(cam.label, cam.depth, now)
             problems += D.camera_problems(cam.label, cam.stats, st.received, self._started, now)
         gpu = "-"
         device = self.segmenter.device

@@ -17,6 +17,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from . import classmap
 from . import diagnostics as D
+from .depth import DepthInput
 from .worker import Frame
 
 #: Seconds an input subscription re-made for input.qos auto overlaps the old one at most.
@@ -55,6 +56,10 @@ class Camera:
         self.confidence_pub = None
         self.overlay_pub = None
         self.info_pub = None
+        self.depth: DepthInput | None = None  # with depth.enabled: pairing, cloud, counters
+        self.depth_sub = None
+        self.depth_info_sub = None
+        self.points_pub = None
 
     def out(self, leaf: str) -> str:
         """Private output topic of this camera (e.g. ~/front/labels)."""
@@ -111,6 +116,36 @@ class InputHandling:
                 CameraInfo,
                 cam.inp("camera_info"),
                 lambda msg, c=cam: setattr(c, "camera_info", msg),
+                self._input_profile(ReliabilityPolicy.BEST_EFFORT),
+            )
+        if cam.depth is not None and cam.depth_sub is None:
+            self._subscribe_depth(cam, cam.depth)
+
+    def _subscribe_depth(self, cam: Camera, depth: DepthInput) -> None:
+        """depth.enabled: the camera's registered depth (and depth/camera_info when asked).
+
+        The newest message of each is kept (DepthPairing), nothing is queued. Reliability follows
+        input.qos (auto: from the depth publishers present now, best effort when there are none).
+        """
+        topic = cam.inp("depth")
+        mode = self._options.input_qos
+        if mode == "auto":
+            reliability = choose_reliability(self._publisher_reliabilities(topic))
+        else:
+            reliable = mode == "reliable"
+            reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
+        cam.depth_sub = self.create_subscription(
+            Image,
+            topic,
+            lambda msg: self._worker.enabled and depth.on_depth(msg),
+            self._input_profile(reliability),
+            **self._subscription_events(topic),
+        )
+        if self._options.depth_camera_info == "depth":
+            cam.depth_info_sub = self.create_subscription(
+                CameraInfo,
+                cam.inp("depth/camera_info"),
+                lambda msg: setattr(depth, "depth_info", msg),
                 self._input_profile(ReliabilityPolicy.BEST_EFFORT),
             )
 
@@ -218,4 +253,6 @@ class InputHandling:
                 cam.switch_confirmed = True  # both subscriptions deliver: the old can go
                 return
             cam.recent_keys.append(key)
+        if cam.depth is not None:
+            cam.depth.on_color(msg.header)
         self._slots.put(Frame(camera=cam.name, image=msg, header=msg.header))

@@ -36,7 +36,7 @@ from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header, String
 
 from .classmap import ClassMapHistory, stamp_from_dict
@@ -67,6 +67,8 @@ __all__ = [
     "configure_environment",
     "fit_frame",
     "frame_to_compressed",
+    "depth_to_msg",
+    "floor_depth",
     "frame_to_msg",
     "main",
     "parse_size",
@@ -394,6 +396,25 @@ def _even_width(rgb: np.ndarray) -> np.ndarray:
     return rgb if rgb.shape[1] % 2 == 0 else rgb[:, : rgb.shape[1] - 1]
 
 
+def _rgb_to_yuv422(rgb: np.ndarray, uyvy: bool) -> np.ndarray:
+    """HxWx3 RGB (even W) -> HxWx2 packed 4:2:2 (UYVY or YUY2), BT.601 limited range.
+
+    The inverse of what OpenCV's COLOR_YUV2RGB_UYVY / _YUY2 decode; chroma averaged per pair.
+    """
+    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    y = 16.0 + 0.257 * r + 0.504 * g + 0.098 * b
+    u = 128.0 - 0.148 * r - 0.291 * g + 0.439 * b
+    v = 128.0 + 0.439 * r - 0.368 * g - 0.071 * b
+    u = (u[:, 0::2] + u[:, 1::2]) / 2.0
+    v = (v[:, 0::2] + v[:, 1::2]) / 2.0
+    out = np.empty((*rgb.shape[:2], 2), np.float32)
+    luma, chroma = (1, 0) if uyvy else (0, 1)
+    out[..., luma] = y
+    out[:, 0::2, chroma] = u
+    out[:, 1::2, chroma] = v
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def frame_to_msg(rgb: np.ndarray, encoding: str, header: Header) -> Image:
     """Encode an HxWx3 uint8 RGB frame as a sensor_msgs/Image in ``encoding`` (see ENCODINGS).
 
@@ -415,9 +436,11 @@ def frame_to_msg(rgb: np.ndarray, encoding: str, header: Header) -> Image:
         return _image_msg(gray.astype("<u2"), "mono16", header, 2)
     if encoding in ("yuv422", "yuv422_yuy2"):
         code = "COLOR_RGB2YUV_UYVY" if encoding == "yuv422" else "COLOR_RGB2YUV_YUY2"
-        if not hasattr(cv2, code):
-            raise ValueError(f"encoding {encoding} needs OpenCV 4.7 or newer ({code})")
-        yuv = cv2.cvtColor(np.ascontiguousarray(_even_width(rgb)), getattr(cv2, code))
+        even = np.ascontiguousarray(_even_width(rgb))
+        if hasattr(cv2, code):
+            yuv = cv2.cvtColor(even, getattr(cv2, code))
+        else:  # OpenCV < 4.7 (Ubuntu 24.04 has 4.6) decodes 4:2:2 but cannot encode it
+            yuv = _rgb_to_yuv422(even, uyvy=encoding == "yuv422")
         return _image_msg(yuv, encoding, header, 2)
     raise ValueError(f"unsupported encoding {encoding!r}; one of {', '.join(ENCODINGS)}")
 
@@ -467,6 +490,36 @@ def pinhole_camera_info(
     info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
     info.p = [f, 0.0, cx, 0.0, 0.0, f, cy, 0.0, 0.0, 0.0, 1.0, 0.0]
     return info
+
+
+def floor_depth(
+    width: int,
+    height: int,
+    k: Sequence[float],
+    *,
+    camera_height: float = 1.0,
+    pitch_deg: float = 30.0,
+) -> np.ndarray:
+    """Depth of a flat floor, as a registered depth camera would see it (uint16 millimetres).
+
+    The camera (pinhole K) is ``camera_height`` metres above the floor and pitched ``pitch_deg``
+    down, so the floor is a tilted plane in the optical frame: a pixel's ray (x', y', 1) meets it
+    at z = h / (cos(p) * y' + sin(p)). Pixels at or above the horizon, and depth beyond 65.535 m,
+    are 0 (no return), as with a real depth camera.
+    """
+    fy, cy = float(k[4]), float(k[5])
+    pitch = math.radians(pitch_deg)
+    slope = (np.arange(height, dtype=np.float64) - cy) / fy
+    denom = math.cos(pitch) * slope + math.sin(pitch)
+    with np.errstate(divide="ignore"):
+        z_mm = np.where(denom > 0, camera_height / np.where(denom > 0, denom, 1.0) * 1000.0, 0.0)
+    z_mm = np.where(z_mm <= 65535.0, np.rint(z_mm), 0.0).astype("<u2")
+    return np.ascontiguousarray(np.broadcast_to(z_mm[:, None], (height, width)))
+
+
+def depth_to_msg(depth_mm: np.ndarray, header: Header) -> Image:
+    """A uint16 millimetre depth image as sensor_msgs/Image 16UC1."""
+    return _image_msg(depth_mm.astype("<u2", copy=False), "16UC1", header, 2)
 
 
 # --- monitor statistics --------------------------------------------------------------------
@@ -779,6 +832,7 @@ class CameraOptions:
     out_dir: str = "out/stream"
     save_every: int = 1
     max_frames: int = 0  # 0 = no limit
+    depth: bool = False  # also publish depth + depth/camera_info (floor_depth) and watch ~/points
     duration: float = 0.0  # seconds; 0 = no limit
     linger: float = 3.0  # seconds to wait for outputs after the last frame
     report_period: float = 1.0
@@ -872,6 +926,13 @@ class SampleCameraNode(Node):
             if options.compressed
             else None
         )
+        self.depth_pub = self.depth_info_pub = None
+        self.points_received = 0
+        self.points_valid = 0.0  # share of points with a finite z in the last cloud
+        if options.depth:
+            self.depth_pub = self.create_publisher(Image, "depth", qos)
+            self.depth_info_pub = self.create_publisher(CameraInfo, "depth/camera_info", qos)
+            self.create_subscription(PointCloud2, f"{base}/points", self._on_points, OUTPUT_QOS)
 
         def sub_events(topic: str) -> SubscriptionEventCallbacks:
             return SubscriptionEventCallbacks(
@@ -941,9 +1002,11 @@ class SampleCameraNode(Node):
         header = Header(stamp=stamp, frame_id=self.options.frame_id)
         msg = frame_to_msg(rgb, self.options.encoding, header)
         self.image_pub.publish(msg)
-        self.info_pub.publish(
-            pinhole_camera_info(msg.width, msg.height, header, hfov_deg=self.options.hfov_deg)
-        )
+        info = pinhole_camera_info(msg.width, msg.height, header, hfov_deg=self.options.hfov_deg)
+        self.info_pub.publish(info)
+        if self.depth_pub is not None:  # registered to the image: same header, same K
+            self.depth_pub.publish(depth_to_msg(floor_depth(msg.width, msg.height, info.k), header))
+            self.depth_info_pub.publish(info)
         if self.compressed_pub is not None:
             self.compressed_pub.publish(
                 frame_to_compressed(
@@ -1013,6 +1076,14 @@ class SampleCameraNode(Node):
         if self._publishing_done_at is not None and not self.finished:
             self._check_linger(self._monotonic())
 
+    def _on_points(self, msg: PointCloud2) -> None:
+        z = np.frombuffer(bytes(msg.data), dtype=np.uint8)
+        count = msg.width * msg.height
+        if count and msg.point_step >= 12 and len(z) >= count * msg.point_step:
+            z = z[: count * msg.point_step].reshape(count, msg.point_step)[:, 8:12]
+            self.points_valid = float(np.isfinite(z.copy().view("<f4")).mean())
+        self.points_received += 1
+
     def _on_overlay(self, msg: Image) -> None:
         saved = False
         if self.writer is not None and not self._write_failed:
@@ -1069,6 +1140,8 @@ class SampleCameraNode(Node):
                 f"subscribers, {self.labels_topic}: {self.count_publishers(self.labels_topic)} "
                 f"publishers"
             )
+        if self.depth_pub is not None and self.stats.outputs:
+            detail = f"points {self.points_received} ({self.points_valid:.0%} valid)"
         self._printer(self.stats.report(self._monotonic(), detail))
 
 
@@ -1212,6 +1285,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sensor_data: best effort, keep last 1, like camera drivers; reliable [sensor_data]",
     )
     pub.add_argument("--frame-id", default="camera", help="header frame_id [camera]")
+    pub.add_argument(
+        "--depth",
+        action="store_true",
+        help="also publish 'depth' (16UC1 millimetres, registered to the image: a floor 1 m "
+        "below the camera, which looks 30 degrees down) and 'depth/camera_info', and watch the "
+        "node's ~/points (run the node with depth.enabled: true)",
+    )
     pub.add_argument(
         "--hfov",
         type=_positive_float,
@@ -1365,6 +1445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_frames=args.frames or 0,
         duration=args.duration or 0.0,
         linger=args.linger,
+        depth=args.depth,
     )
     with StopSignals() as stop:
         return _run(args, [PROG, *argv], source, options, stop, say)
