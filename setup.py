@@ -34,6 +34,7 @@ setup(
         "console_scripts": [
             "ovseg = ovseg_ros.cli:main",
             "ovseg_node = ovseg_ros.ros.runner:main",
+            "ovseg_lifecycle_node = ovseg_ros.ros.runner:main_lifecycle",
             "set_vocabulary = ovseg_ros.ros.set_vocabulary:main",
             "sample_camera = ovseg_ros.ros.sample_camera:main",
         ],

@@ -39,6 +39,7 @@ import yaml
 
 PACKAGE = "ovseg_ros"
 EXECUTABLE = "ovseg_node"
+LIFECYCLE_EXECUTABLE = "ovseg_lifecycle_node"
 NODE_NAME = "ovseg"
 
 #: Files this launch file uses, relative to the package's share directory (see setup.py).
@@ -77,6 +78,15 @@ ARGUMENTS = (
         "/camera/color/camera_info",
         "sensor_msgs/CameraInfo topic of the camera (optional: when it is published, the node "
         "republishes it on ~/camera_info with the header of each output frame).",
+    ),
+    (
+        "depth",
+        "",
+        "Depth image registered to the colour camera (16UC1 mm or 32FC1 m), e.g. "
+        "/camera/aligned_depth_to_color/image_raw (RealSense) or "
+        "/zed/zed_node/depth/depth_registered (ZED): sets depth.enabled, remaps `depth` to it and "
+        "`depth/camera_info` to the camera_info beside it; the node then publishes ~/points. "
+        "Empty: no depth.",
     ),
     (
         "namespace",
@@ -128,6 +138,19 @@ ARGUMENTS = (
         "Any other node parameters, as a YAML mapping that overrides the parameter file, e.g. "
         '"{input.short_side: 448, prob_threshold: 0.1}"; names and types are checked against '
         "config/ovseg.yaml. Empty: no override.",
+    ),
+    (
+        "lifecycle",
+        "false",
+        "true: run the managed node ovseg_lifecycle_node (configure loads the model, activate "
+        "subscribes and publishes, deactivate pauses and frees what frames used, cleanup "
+        "releases the model) instead of ovseg_node.",
+    ),
+    (
+        "autostart",
+        "true",
+        "With lifecycle:=true: true configures and activates the node at start-up; false leaves "
+        "it unconfigured for a lifecycle manager (nav2's lifecycle_manager). Ignored otherwise.",
     ),
     (
         "rviz",
@@ -502,8 +525,8 @@ def node_parameters(
     return [params_file, overrides] if overrides else [params_file]
 
 
-def node_remappings(image: str, camera_info: str) -> list[tuple[str, str]]:
-    """Remappings of the node's inputs onto the camera's topics."""
+def node_remappings(image: str, camera_info: str, depth: str = "") -> list[tuple[str, str]]:
+    """Remappings of the node's inputs onto the camera's topics (depth: and its camera_info)."""
     image = image.strip().rstrip("/")
     if not image:
         raise LaunchArgumentError(
@@ -513,6 +536,10 @@ def node_remappings(image: str, camera_info: str) -> list[tuple[str, str]]:
     camera_info = camera_info.strip()
     if camera_info:
         remappings.append(("camera_info", camera_info))
+    depth = depth.strip().rstrip("/")
+    if depth:
+        parent = depth.rsplit("/", 1)[0] if "/" in depth.lstrip("/") else ""
+        remappings += [("depth", depth), ("depth/camera_info", f"{parent}/camera_info")]
     return remappings
 
 
@@ -609,6 +636,7 @@ class LaunchPlan(NamedTuple):
     """
 
     namespace: str
+    lifecycle: bool  # ovseg_lifecycle_node instead of ovseg_node
     environment: dict[str, str]
     parameters: list
     remappings: list[tuple[str, str]]
@@ -644,11 +672,19 @@ def launch_plan(
         known=default_parameters(share_dir),
         methods=methods,
     )
+    depth = values.get("depth", "")
+    if depth.strip():
+        parameters = [*parameters, {"depth.enabled": True}]
+    lifecycle = parse_bool("lifecycle", values.get("lifecycle", "false"))
+    if lifecycle:
+        autostart = parse_bool("autostart", values.get("autostart", "true"))
+        parameters = [*parameters, {"lifecycle.autostart": autostart}]
     return LaunchPlan(
         namespace=namespace,
+        lifecycle=lifecycle,
         environment=fastdds_environment(environ, share_dir),
         parameters=parameters,
-        remappings=node_remappings(values["image"], values["camera_info"]),
+        remappings=node_remappings(values["image"], values["camera_info"], depth),
         rviz=rviz,
         rviz_arguments=rviz_arguments(share_dir) if rviz else [],
         rviz_remappings=rviz_remappings(namespace) if rviz else [],
@@ -692,7 +728,7 @@ def _launch_setup(context: object, share_dir: str) -> list:
     actions.append(
         Node(
             package=PACKAGE,
-            executable=EXECUTABLE,
+            executable=LIFECYCLE_EXECUTABLE if plan.lifecycle else EXECUTABLE,
             name=NODE_NAME,
             namespace=plan.namespace,
             parameters=plan.parameters,

@@ -114,13 +114,17 @@ def harness_factory():
     made: list[Harness] = []
     stack = []
 
-    def make(backbone=None, **params) -> Harness:
+    def make(backbone=None, managed: bool = False, **params) -> Harness:
+        """managed=True: the lifecycle node (unconfigured until a transition)."""
         ctx_manager = ros_context()
         context = ctx_manager.__enter__()
         stack.append(ctx_manager)
         values = {**TINY, **{k.replace("__", "."): v for k, v in params.items()}}
         overrides = [Parameter(k, value=v) for k, v in values.items()]
-        node = OvsegNode(context=context, parameter_overrides=overrides, backbone=backbone)
+        node_class = OvsegNode
+        if managed:
+            from ovseg_ros.ros.lifecycle import OvsegLifecycleNode as node_class
+        node = node_class(context=context, parameter_overrides=overrides, backbone=backbone)
         h = Harness(context, node)
         made.append(h)
         return h

@@ -33,6 +33,7 @@ PACKAGE = "ovseg_ros"
 CONTRACT_ARGUMENTS = [
     "image",
     "camera_info",
+    "depth",
     "namespace",
     "params_file",
     "vocabulary",
@@ -41,12 +42,15 @@ CONTRACT_ARGUMENTS = [
     "pretrained",
     "checkpoint",
     "params",
+    "lifecycle",
+    "autostart",
     "rviz",
 ]
 
 CONTRACT_DEFAULTS = {
     "image": "/camera/color/image_raw",
     "camera_info": "/camera/color/camera_info",
+    "depth": "",
     "namespace": "",
     "vocabulary": "",
     "method": "",
@@ -54,11 +58,15 @@ CONTRACT_DEFAULTS = {
     "pretrained": "",
     "checkpoint": "",
     "params": "",
+    "lifecycle": "false",
+    "autostart": "true",
     "rviz": "false",
 }
 
 #: The registry's method names (ovseg_ros/engine/methods), as `ovseg methods` lists them.
-METHODS = ["clearclip", "clip", "cliper", "cliptrase", "maskclip", "naclip", "proxyclip", "sclip"]
+METHODS = [
+    "clearclip", "clip", "cliper", "cliptrase", "maskclip", "naclip", "pearl", "proxyclip", "sclip"
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +178,17 @@ def launched_nodes() -> list[dict[str, object]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "Node":
             fields = {}
+            choices = []  # `A if condition else B`: one node per branch
             for keyword in node.keywords:
                 if keyword.arg in ("package", "executable", "name"):
-                    fields[keyword.arg] = _evaluate(keyword.value, constants)
-            nodes.append(fields)
+                    if isinstance(keyword.value, ast.IfExp):
+                        choices = [
+                            (keyword.arg, _evaluate(branch, constants))
+                            for branch in (keyword.value.body, keyword.value.orelse)
+                        ]
+                    else:
+                        fields[keyword.arg] = _evaluate(keyword.value, constants)
+            nodes += [{**fields, k: v} for k, v in choices] if choices else [fields]
     return nodes
 
 
@@ -226,7 +241,7 @@ def test_launch_file_starts_ovseg_node_and_rviz2():
 def test_launched_executable_is_a_console_script():
     """ovseg_node must be an entry point of setup.py whose target module and function exist."""
     executables = {n["executable"] for n in launched_nodes() if n.get("package") == PACKAGE}
-    assert executables == {"ovseg_node"}
+    assert executables == {"ovseg_node", "ovseg_lifecycle_node"}
     scripts = console_scripts()
     for executable in executables:
         assert executable in scripts, (
@@ -379,6 +394,27 @@ def test_remappings(launch_module):
     ]
     with pytest.raises(launch_module.LaunchArgumentError, match="image"):
         launch_module.node_remappings(" ", "/cam/camera_info")
+
+
+def test_depth_argument_remaps_the_depth_and_enables_it(launch_module):
+    """depth:=<registered depth topic>: remapped with the camera_info beside it, depth.enabled."""
+    assert launch_module.node_remappings(
+        "/camera/color/image_raw", "", "/camera/aligned_depth_to_color/image_raw"
+    )[-2:] == [
+        ("depth", "/camera/aligned_depth_to_color/image_raw"),
+        ("depth/camera_info", "/camera/aligned_depth_to_color/camera_info"),
+    ]
+    zed = launch_module.node_remappings("/i", "", "/zed/zed_node/depth/depth_registered")
+    assert zed[-1] == ("depth/camera_info", "/zed/zed_node/depth/camera_info")
+    plain = launch_module.launch_plan(_argument_values(launch_module), REPO, {})
+    assert not any(name == "depth" for name, _ in plain.remappings)
+    assert not any(isinstance(p, dict) and "depth.enabled" in p for p in plain.parameters)
+    plan = launch_module.launch_plan(
+        _argument_values(launch_module, depth="/cam/depth/image_rect_raw"), REPO, {}
+    )
+    assert ("depth", "/cam/depth/image_rect_raw") in plan.remappings
+    assert ("depth/camera_info", "/cam/depth/camera_info") in plan.remappings
+    assert {"depth.enabled": True} in plan.parameters
 
 
 def test_rviz_follows_the_namespace(launch_module, tmp_path):
@@ -707,6 +743,27 @@ def test_launch_plan_checks_every_argument(launch_module):
             launch_module.launch_plan(_argument_values(launch_module, **change), REPO, {})
 
 
+def test_lifecycle_argument_starts_the_managed_node(launch_module):
+    """lifecycle:=true runs ovseg_lifecycle_node; autostart becomes lifecycle.autostart."""
+    plain = launch_module.launch_plan(_argument_values(launch_module), REPO, {})
+    assert plain.lifecycle is False
+    assert not any(isinstance(p, dict) and "lifecycle.autostart" in p for p in plain.parameters)
+    managed = launch_module.launch_plan(_argument_values(launch_module, lifecycle="true"), REPO, {})
+    assert managed.lifecycle is True
+    assert managed.parameters[-1] == {"lifecycle.autostart": True}  # the default: start at once
+    manual = launch_module.launch_plan(
+        _argument_values(launch_module, lifecycle="true", autostart="false"), REPO, {}
+    )
+    assert manual.parameters[-1] == {"lifecycle.autostart": False}  # a lifecycle manager's
+    with pytest.raises(launch_module.LaunchArgumentError, match="autostart:='maybe'"):
+        launch_module.launch_plan(
+            _argument_values(launch_module, lifecycle="true", autostart="maybe"), REPO, {}
+        )
+    assert {"package": PACKAGE, "executable": "ovseg_lifecycle_node", "name": "ovseg"} in (
+        launched_nodes()
+    )
+
+
 @pytest.mark.parametrize(
     "returncode, reason",
     [
@@ -751,7 +808,10 @@ def test_node_is_started_with_the_exit_handler():
         ]
         for call in calls
     }
-    assert on_exit == {"EXECUTABLE": ["on_node_exit"], "'rviz2'": []}
+    assert on_exit == {
+        "LIFECYCLE_EXECUTABLE if plan.lifecycle else EXECUTABLE": ["on_node_exit"],
+        "'rviz2'": [],
+    }
 
 
 # ---------------------------------------------------------------------------------------------

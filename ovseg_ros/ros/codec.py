@@ -209,14 +209,26 @@ def _buffer(data: Any) -> np.ndarray:
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     if isinstance(data, list | tuple):
-        # Slow path (a hand-built message); rclpy itself gives array.array('B') or bytes.
+        # Slow path (a hand-built message); rclpy itself gives array.array('B') or bytes. The
+        # range is checked here: numpy 1.x wraps 300 to 44 where numpy 2 raises.
+        if not data:
+            return np.zeros(0, np.uint8)
         try:
-            return np.asarray(data, dtype=np.uint8)
+            values = np.asarray(data)
         except (OverflowError, ValueError, TypeError) as exc:
+            values, error = None, type(exc).__name__
+        else:
+            error = f"{values.dtype} values" if values.dtype.kind not in "biu" else "out of range"
+        if (
+            values is None
+            or values.ndim != 1
+            or values.dtype.kind not in "biu"
+            or (values.min() < 0 or values.max() > 255)
+        ):
             raise ImageDecodeError(
-                f"image data is not a sequence of bytes 0-255 ({type(exc).__name__})",
-                kind="bad_data_type",
-            ) from exc
+                f"image data is not a sequence of bytes 0-255 ({error})", kind="bad_data_type"
+            )
+        return values.astype(np.uint8)
     try:
         # bytes, bytearray, array.array, memoryview: a zero-copy view of the raw bytes.
         return np.frombuffer(data, dtype=np.uint8)

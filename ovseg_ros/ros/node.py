@@ -35,12 +35,13 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 from std_srvs.srv import SetBool
 
 from ..engine import Segmenter
 from ..engine.backbone import ModelLoadError
+from ..engine.memory import free_memory
 from ..engine.text import Vocabulary
 from ..viz import class_colors, class_mask, confidence_u8, overlay
 from . import classmap
@@ -56,6 +57,7 @@ from .codec import (
     mono8_to_msg,
     rgb_to_msg,
 )
+from .depth import DepthInput, DepthPairing
 from .masks import MaskTopics, mask_slugs
 from .node_health import HealthReporting
 from .node_inputs import Camera, InputHandling, choose_reliability
@@ -91,6 +93,8 @@ except ImportError:  # pragma: no cover - depends on the installation
 DEFAULT_CAMERA = ""
 #: Seconds a new class map waits for its subscribers' acknowledgements before it is used.
 ACK_SECONDS = 1.0
+#: Seconds a cleanup waits for a vocabulary build in progress to stop at its next batch.
+JOIN_SECONDS = 3.0
 
 
 # --- small pure helpers (tested without ROS) -------------------------------------------------
@@ -139,6 +143,10 @@ def label_info_msg(vocab: Vocabulary, stamp: int, frame_id: str, threshold: floa
 class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
     """Open-vocabulary segmentation node (see the module docstring and the README)."""
 
+    #: True for the managed (lifecycle) node: the constructor only declares the parameters and the
+    #: transitions (lifecycle.py) call _configure / _activate / _deactivate / _cleanup.
+    _MANAGED = False
+
     def __init__(
         self,
         *,
@@ -156,10 +164,24 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
         """
         super().__init__(node_name, **node_kwargs)
         self._logger = self.get_logger()
-        self._specs = {s.name: s for s in P.parameter_specs()}
+        self._specs = {s.name: s for s in P.parameter_specs(managed=self._MANAGED)}
         self._method_params = P.method_parameters()
         self._declare_parameters()
         self._warn_unknown_parameters()
+        self.segmenter: Segmenter | None = None
+        self._active = False
+        self._shut_down = False
+        if self._MANAGED:
+            return
+        self._configure(backbone, cancel)
+        self._activate()
+
+    def _configure(self, backbone: Any = None, cancel: Callable[[], bool] | None = None) -> None:
+        """Load the model and the vocabulary; create the publishers, services and threads.
+
+        Raises StartupError (one sentence) when the parameters or the model are unusable; what
+        was created before the failure is released by _cleanup.
+        """
         values = self._current_values()
         try:
             cfg, options = P.split_values(values)
@@ -213,11 +235,11 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
             durability=DurabilityPolicy.TRANSIENT_LOCAL,
             history=HistoryPolicy.KEEP_LAST,
         )
-        self._vocab_pub = self.create_publisher(
+        self._vocab_pub = self._make_publisher(
             String, "~/vocabulary", latched, **self._publisher_events("~/vocabulary")
         )
         self._label_info_pub = (
-            self.create_publisher(
+            self._make_publisher(
                 LabelInfo, "~/label_info", latched, **self._publisher_events("~/label_info")
             )
             if LabelInfo is not None
@@ -232,28 +254,109 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
             cam.confidence_pub = self._output(cam, Image, "confidence")
             cam.overlay_pub = self._output(cam, Image, "overlay")
             cam.info_pub = self._output(cam, CameraInfo, "camera_info")
+            if options.depth_enabled:
+                cam.depth = DepthInput()
+                cam.points_pub = self._output(cam, PointCloud2, "points")
         self._masks = MaskTopics(
-            list(self._cams), self._create_mask_pub, self.destroy_publisher, self._mask_subscribed
+            list(self._cams), self._create_mask_pub, self._drop_publisher, self._mask_subscribed
         )
         self._mask_gc = self.create_guard_condition(self._sync_masks)
-        with self._out_lock:
-            self._announce(self.segmenter.vocabulary)
-
-        self._slots = LatestFrameSlots(list(self._cams))
-        self._worker = InferenceWorker(self._slots, self._process, options.max_rate_hz)
-        self._worker.set_enabled(options.enabled)
         self._reconfigurer = Reconfigurer(self._on_reconfigure_error)
+        self._param_callback = self._on_set_parameters
+        self.add_on_set_parameters_callback(self._param_callback)
+        self._enable_srv = self.create_service(SetBool, "~/enable", self._on_enable)
+
+    def _activate(self) -> None:
+        """Announce the class map, subscribe the cameras, start the inference thread."""
+        with self._out_lock:
+            self._announced = None  # (again, after a deactivation: the publishers were off)
+            self._announce(self.segmenter.vocabulary)
+        self._slots = LatestFrameSlots(list(self._cams))
+        self._worker = InferenceWorker(self._slots, self._process, self._options.max_rate_hz)
+        self._worker.set_enabled(self._options.enabled)
         for cam in self._cams.values():
             self._subscribe(cam)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._enable_srv = self.create_service(SetBool, "~/enable", self._on_enable)
         self._tick_timer = self.create_timer(1.0, self._tick)
         self._worker.start()
+        self._active = True
         topics = ", ".join(c.image_sub.topic_name for c in self._cams.values())
         self._logger.info(
-            f"segmenting {topics} with {cfg.method}; "
+            f"segmenting {topics} with {self.segmenter.config.method}; "
             f"outputs under {self.get_fully_qualified_name()}"
         )
+
+    def _deactivate(self, timeout: float = 10.0) -> bool:
+        """Stop taking frames: unsubscribe, stop the inference thread, free what frames used.
+
+        The model and the vocabulary stay loaded (activation is then immediate); memory the
+        frames used (activations, the allocator's cache on a GPU) is given back. True if the
+        thread ended after the frame in hand within `timeout`.
+        """
+        self._active = False
+        for cam in self._cams.values():
+            for sub in (
+                cam.image_sub,
+                cam.old_image_sub,
+                cam.info_sub,
+                cam.depth_sub,
+                cam.depth_info_sub,
+            ):
+                if sub is not None:
+                    self.destroy_subscription(sub)
+            cam.image_sub = cam.old_image_sub = cam.info_sub = None
+            cam.depth_sub = cam.depth_info_sub = None
+            cam.camera_info = None
+            if cam.depth is not None:
+                cam.depth.pairing = DepthPairing()  # drop the depth images held for pairing
+        self.destroy_timer(self._tick_timer)
+        ended = self._worker.stop(timeout)
+        free_memory(self.segmenter.backbone.device)
+        return ended
+
+    def _cleanup(self) -> None:
+        """Release everything _configure made: model, vocabulary, publishers, services, threads."""
+        reconfigurer = getattr(self, "_reconfigurer", None)
+        if reconfigurer is not None:
+            reconfigurer.cancelled.set()
+            reconfigurer.stop(JOIN_SECONDS)
+            self._reconfigurer = None
+        if getattr(self, "_param_callback", None) is not None:
+            self.remove_on_set_parameters_callback(self._param_callback)
+            self._param_callback = None
+        masks = getattr(self, "_masks", None)
+        if masks is not None:
+            masks.close()
+        for name in ("_enable_srv",):
+            if getattr(self, name, None) is not None:
+                self.destroy_service(getattr(self, name))
+                setattr(self, name, None)
+        if getattr(self, "_mask_gc", None) is not None:
+            self.destroy_guard_condition(self._mask_gc)
+            self._mask_gc = None
+        pubs = []
+        for name in ("_vocab_pub", "_label_info_pub", "_diag_pub"):
+            pubs.append(getattr(self, name, None))
+            setattr(self, name, None)
+        for cam in getattr(self, "_cams", {}).values():
+            pubs += [cam.labels_pub, cam.confidence_pub, cam.overlay_pub, cam.info_pub]
+            pubs.append(cam.points_pub)
+        for pub in pubs:
+            if pub is not None:
+                self._drop_publisher(pub)
+        self._cams = {}
+        device = self.segmenter.backbone.device if self.segmenter is not None else None
+        if self.segmenter is not None:
+            self.segmenter.close()
+        self.segmenter = None
+        free_memory(device)
+
+    def _make_publisher(self, msg_type: Any, topic: str, qos: Any, **kwargs: Any) -> Any:
+        """A publisher of an output (the lifecycle node makes lifecycle publishers)."""
+        return self.create_publisher(msg_type, topic, qos, **kwargs)
+
+    def _drop_publisher(self, publisher: Any) -> None:
+        """Destroy a publisher made by _make_publisher."""
+        self.destroy_publisher(publisher)
 
     # --- services ------------------------------------------------------------------------------
 
@@ -274,9 +377,7 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
     def _output(self, cam: Camera, msg_type: Any, leaf: str) -> Any:
         """A publisher for one of the camera's outputs, with the output QoS."""
         topic = cam.out(leaf)
-        return self.create_publisher(
-            msg_type, topic, self._qos_out, **self._publisher_events(topic)
-        )
+        return self._make_publisher(msg_type, topic, self._qos_out, **self._publisher_events(topic))
 
     def _create_mask_pub(self, camera: str, slug: str) -> Any:
         """A mask publisher; no QoS event handlers, so the executor never waits on it."""
@@ -284,7 +385,7 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
             from rclpy.event_handler import PublisherEventCallbacks
         except ImportError:  # Humble
             from rclpy.qos_event import PublisherEventCallbacks
-        return self.create_publisher(
+        return self._make_publisher(
             Image,
             self._cams[camera].out(f"masks/{slug}"),
             self._qos_out,
@@ -405,9 +506,13 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
         want_overlay = opts.publish_overlay and cam.overlay_pub.get_subscription_count() > 0
         want_masks = opts.publish_masks and self._masks.listened(cam.name)
         want_info = cam.camera_info is not None and cam.info_pub.get_subscription_count() > 0
-        if not (want_labels or want_conf or want_overlay or want_masks or want_info):
+        want_points = cam.depth is not None and cam.points_pub.get_subscription_count() > 0
+        wanted = (want_labels, want_conf, want_overlay, want_masks, want_info, want_points)
+        if not any(wanted):
             cam.stats.skipped_idle += 1
             return
+        if want_points:
+            cam.depth.hold(frame.header)  # its depth partner may still be on its way
         t0 = time.perf_counter()
         rgb = self._decode(cam, frame)
         if rgb is None:
@@ -440,8 +545,9 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
                 self._publish_label_info(vocab, self._stamps.current.stamp)
             if want_labels:
                 cam.labels_pub.publish(labels_to_msg(result.labels, header))
+            conf8 = confidence_u8(result.confidence) if want_conf or want_points else None
             if want_conf:
-                cam.confidence_pub.publish(mono8_to_msg(confidence_u8(result.confidence), header))
+                cam.confidence_pub.publish(mono8_to_msg(conf8, header))
             if want_overlay:
                 colors = class_colors(max(vocab.num_classes, 1))
                 image = overlay(rgb, result.labels, colors, opts.overlay_alpha, vocab.names)
@@ -458,6 +564,17 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
                 info = scaled_camera_info(cam.camera_info, rgb.shape[1], rgb.shape[0])
                 info.header = header_copy(header)
                 cam.info_pub.publish(info)
+            if want_points:  # the same labels, confidence and header as the images above
+                cloud = cam.depth.cloud(
+                    header, result.labels, conf8, vocab.num_classes, cam.camera_info, opts
+                )
+                if cloud is not None:
+                    cam.points_pub.publish(cloud)
+                else:
+                    self._logger.warning(
+                        f"{cam.label}: no ~/points for this frame: {cam.depth.problem}",
+                        throttle_duration_sec=10.0,
+                    )
         cam.stats.published += 1
         now = self.get_clock().now().nanoseconds * 1e-9
         stamp = classmap.stamp_ns(header) * 1e-9
@@ -496,7 +613,8 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
 
     def reconfiguring(self) -> bool:
         """True while a vocabulary or method change is queued or being built."""
-        return not self._reconfigurer.idle()
+        reconfigurer = getattr(self, "_reconfigurer", None)  # none while unconfigured
+        return reconfigurer is not None and not reconfigurer.idle()
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Stop the worker (after the frame in hand) and cancel reconfiguration; True if both ended.

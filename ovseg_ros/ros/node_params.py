@@ -202,8 +202,8 @@ class ParameterHandling:
         node_updates: dict[str, Any] = {}
         for key, value in changes.items():
             spec = self._specs.get(key)
-            if spec is None or key in _VOCAB_KEYS or key == "method":
-                continue
+            if spec is None or key in _VOCAB_KEYS or key == "method" or spec.owner == "lifecycle":
+                continue  # (lifecycle.* are read when a transition happens)
             if spec.owner == "engine":
                 engine_updates[spec.attr] = value
             else:
@@ -227,9 +227,12 @@ class ParameterHandling:
     def _apply_options(self, options: P.NodeOptions) -> None:
         previous = self._options
         self._options = options
-        self._worker.max_rate_hz = options.max_rate_hz
+        worker = getattr(self, "_worker", None)  # none yet in a configured, inactive node
+        if worker is not None:
+            worker.max_rate_hz = options.max_rate_hz
         if options.enabled != previous.enabled:
-            self._worker.set_enabled(options.enabled)
+            if worker is not None:
+                worker.set_enabled(options.enabled)
             self._logger.info("processing resumed" if options.enabled else "processing paused")
         if (options.publish_masks, options.masks_advertised) != (
             previous.publish_masks,

@@ -22,6 +22,8 @@ OVERSIZE = ("reject", "downscale")
 DEFAULT_MAX_PIXELS = 3840 * 2160
 INPUT_QOS = ("auto", "sensor_data", "reliable")
 OUTPUT_QOS = ("reliable", "sensor_data")
+DEPTH_CAMERA_INFO = ("color", "depth")
+LIFECYCLE_PREFIX = "lifecycle."
 
 
 @dataclass
@@ -73,7 +75,9 @@ class NodeOptions:
         default="reliable",
         metadata=_opt(
             "output.qos",
-            "reliable (keep last 1; serves reliable and best-effort subscribers) or sensor_data",
+            "reliable (keep last 1; serves reliable and best-effort subscribers) or "
+            "sensor_data (best effort, the profile of nav2's semantic_segmentation_layer); "
+            "~/vocabulary and ~/label_info stay reliable + transient local",
             choices=OUTPUT_QOS,
         ),
     )
@@ -149,9 +153,84 @@ class NodeOptions:
         ),
     )
 
+    depth_enabled: bool = field(
+        default=False,
+        metadata=_opt(
+            "depth.enabled",
+            "subscribe <camera>/depth (sensor_msgs/Image 16UC1 millimetres or 32FC1 metres, "
+            "registered to the colour camera) and publish ~/points, the semantic point cloud "
+            "aligned pixel for pixel with ~/labels",
+        ),
+    )
+    depth_camera_info: str = field(
+        default="color",
+        metadata=_opt(
+            "depth.camera_info",
+            "intrinsics of the cloud: color = the colour camera's <camera>/camera_info (right "
+            "for depth registered to the colour image); depth = <camera>/depth/camera_info",
+            choices=DEPTH_CAMERA_INFO,
+        ),
+    )
+    depth_tolerance: float = field(
+        default=0.02,
+        metadata=_opt(
+            "depth.tolerance",
+            "seconds a depth image's stamp may differ from the colour frame's to be its partner; "
+            "a frame without one publishes no cloud (counted in /diagnostics)",
+            lo=0.0,
+            hi=1.0,
+            runtime=True,
+        ),
+    )
+    depth_max_range: float = field(
+        default=10.0,
+        metadata=_opt(
+            "depth.max_range",
+            "metres; depth beyond it (like 0, NaN and inf) gives NaN points",
+            lo=0.01,
+            hi=1000.0,
+            runtime=True,
+        ),
+    )
+    points_stride: int = field(
+        default=1,
+        metadata=_opt(
+            "points.stride",
+            "~/points keeps every stride-th pixel of every stride-th row (1 = one point per "
+            "label pixel, which nav2's semantic_segmentation_layer needs)",
+            lo=1,
+            hi=64,
+            runtime=True,
+        ),
+    )
+
     def replace(self, **changes: Any) -> NodeOptions:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class LifecycleOptions:
+    """Parameters of the managed node `ovseg_lifecycle_node` only (lifecycle.py)."""
+
+    autostart: bool = field(
+        default=False,
+        metadata=_opt(
+            "lifecycle.autostart",
+            "configure and activate at start-up, as `ros2 launch ... lifecycle:=true` does by "
+            "default; false leaves the node unconfigured for a lifecycle manager (nav2's "
+            "lifecycle_manager with its own autostart)",
+        ),
+    )
+    unload_on_deactivate: bool = field(
+        default=False,
+        metadata=_opt(
+            "lifecycle.unload_on_deactivate",
+            "deactivate also frees the model (GPU and host memory); activate then loads it "
+            "again (seconds). False: only what frames used is freed and activation is instant",
+            runtime=True,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -205,10 +284,15 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory()  # type: ignore[misc]
 
 
-def parameter_specs() -> list[ParamSpec]:
-    """Every node parameter, engine fields first; method_params is handled separately."""
+def parameter_specs(managed: bool = False) -> list[ParamSpec]:
+    """Every node parameter, engine fields first; method_params is handled separately.
+
+    `managed`: also the lifecycle.* parameters of ovseg_lifecycle_node (owner "lifecycle").
+    """
     specs: list[ParamSpec] = []
     sources = [("engine", parameter_fields()), ("node", list(dataclasses.fields(NodeOptions)))]
+    if managed:
+        sources.append(("lifecycle", list(dataclasses.fields(LifecycleOptions))))
     for owner, fields in sources:
         for f in fields:
             meta = f.metadata
@@ -303,6 +387,8 @@ def split_values(values: dict[str, Any]) -> tuple[SegmenterConfig, NodeOptions]:
         if name.startswith(METHOD_PARAMS_PREFIX):
             continue
         spec = by_name.get(name)
+        if spec is None and name.startswith(LIFECYCLE_PREFIX):
+            continue  # the managed node's own (lifecycle_options)
         if spec is None:
             raise ValueError(f"unknown parameter {name!r}")
         if spec.owner == "engine":
@@ -313,6 +399,12 @@ def split_values(values: dict[str, Any]) -> tuple[SegmenterConfig, NodeOptions]:
     options = NodeOptions(**node)
     check_node_options(options)
     return cfg, options
+
+
+def lifecycle_options(values: dict[str, Any]) -> LifecycleOptions:
+    """The lifecycle.* values as LifecycleOptions (missing names keep their defaults)."""
+    fields = {f.metadata["key"]: f.name for f in dataclasses.fields(LifecycleOptions)}
+    return LifecycleOptions(**{fields[k]: v for k, v in values.items() if k in fields})
 
 
 def check_node_options(options: NodeOptions) -> NodeOptions:

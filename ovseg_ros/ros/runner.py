@@ -168,11 +168,18 @@ def main(args: list[str] | None = None) -> None:
     _hard_exit(run(args))
 
 
-def run(args: list[str] | None = None) -> int:
+def main_lifecycle(args: list[str] | None = None) -> None:
+    """Console script `ovseg_lifecycle_node`: the managed node (lifecycle.py), same exit rules."""
+    _hard_exit(run(args, managed=True))
+
+
+def run(args: list[str] | None = None, managed: bool = False) -> int:
     """Run the node until a stop signal; the exit code (non-zero if it cannot start).
 
     Exit codes: 0 stopped (also when stopped during start-up), 2 bad arguments or parameters,
-    3 model could not be loaded.
+    3 model could not be loaded. `managed`: the lifecycle node, which also ends when it reaches
+    the finalized state (the shutdown transition); with lifecycle.autostart it configures and
+    activates itself first (a failure then exits as the plain node's start-up does).
     """
     stop = StopRequest()
     stop.install()  # first: a signal during the imports below must not print a traceback
@@ -199,7 +206,10 @@ def run(args: list[str] | None = None) -> int:
             logger.fatal(f"cannot start with these ROS arguments: {first[:300]}")
             return EXIT_BAD_ARGUMENTS
         try:
-            node = OvsegNode(cancel=lambda: stop.requested)
+            if managed:
+                node = _start_managed(lambda: stop.requested)
+            else:
+                node = OvsegNode(cancel=lambda: stop.requested)
         except StartupError as exc:
             logger.fatal(str(exc))
             code = exc.exit_code
@@ -222,6 +232,8 @@ def run(args: list[str] | None = None) -> int:
         try:
             while not stop.requested and rclpy.ok():
                 executor.spin_once(timeout_sec=0.1)
+                if managed and node.state == "finalized":
+                    break
         except ExternalShutdownException:
             pass
         node.get_logger().info("shutting down")
@@ -233,6 +245,29 @@ def run(args: list[str] | None = None) -> int:
     if _threads_alive():
         sys.stderr.write("[ovseg_node] a worker thread did not stop in time; not waiting for it\n")
     return code
+
+
+def _start_managed(cancel: Any) -> Any:
+    """The lifecycle node; configured and activated here when lifecycle.autostart is true."""
+    from .lifecycle import SUCCESS, OvsegLifecycleNode
+    from .node_params import StartupError
+
+    node = OvsegLifecycleNode(cancel=cancel)
+    if not node.lifecycle_options().autostart:
+        node.get_logger().info(
+            "unconfigured; waiting for a lifecycle manager (or `ros2 lifecycle set "
+            f"{node.get_fully_qualified_name()} configure`, then activate)"
+        )
+        return node
+    for transition in (node.trigger_configure, node.trigger_activate):
+        if transition() != SUCCESS:
+            why, code = node.last_error or "see the log above", node.last_exit_code
+            node.trigger_shutdown()
+            node.destroy_node()
+            if why == "stopped while loading":
+                raise KeyboardInterrupt  # a stop signal: leave as during the plain start-up
+            raise StartupError(f"lifecycle autostart failed: {why}", code or EXIT_BAD_ARGUMENTS)
+    return node
 
 
 if __name__ == "__main__":
