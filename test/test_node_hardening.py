@@ -410,7 +410,10 @@ def test_a_stop_cancels_a_vocabulary_being_encoded(harness, tiny_backbone):
     assert h.node.shutdown(timeout=5.0)
     assert time.monotonic() - t0 < 3.0
     threading.Event().wait(0.01)
-    assert h.node.segmenter.vocabulary.version == 1  # the build was dropped, not finished
+    # The 10,000-class build was dropped, not finished. (The parameters are set one at a time,
+    # so the templates change alone may already have rebuilt the 11 classes, from the text
+    # cache of an earlier test: the version is not the point, the classes are.)
+    assert h.node.segmenter.vocabulary.num_classes == 11
 
 
 def test_a_failed_method_change_restores_the_hyper_parameters_in_use(harness, tiny_backbone):

@@ -44,7 +44,7 @@ CG_EPS = 1e-12
 #: Luma weights of the gray image the edge weights are computed on (ITU-R BT.601).
 LUMA = (0.299, 0.587, 0.114)
 #: Bytes of one query chunk's (Q, h, w) map in the propagation (about 6 such tensors live at once).
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 32 * 2**20
 #: Text couplings: the official code's diag(S) * P, or the paper's S P.
 COUPLINGS = ("diagonal", "matrix")
 
@@ -90,7 +90,7 @@ def text_coupling(
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         s = text_matrix(embeddings, temperature, diag_boost, rows)
-        parts.append(s[:, rows].diagonal())
+        parts.append(s[:, rows].diagonal().clone())  # a view would keep every chunk's rows
     return TextCoupling(torch.cat(parts), None)
 
 
@@ -298,15 +298,19 @@ def propagate(
     image: torch.Tensor,
     text: TextCoupling | None,
     settings: TLPSettings = TLPSettings(),
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """Y solving (C + lambda L) Y = C X by CG for (Q, H, W) cosine logits X, a (3, H, W) image."""
-    logits = logits.float()
-    data, wx, wy = propagation_weights(logits, to_gray(image.float()), text, settings)
+    """Y solving (C + lambda L) Y = C X by CG for (Q, H, W) cosine logits X, a (3, H, W) image.
+
+    `inplace`: Y overwrites X (when X is float32; the caller's X is then gone), which saves a
+    (Q, H, W) copy for large vocabularies. Each chunk's solution is written as it is found.
+    """
+    x = logits.float()
+    data, wx, wy = propagation_weights(x, to_gray(image.float()), text, settings)
     apply = ScreenedLaplacian(data, wx, wy, settings.smoothness)
-    q, h, w = logits.shape
+    q, h, w = x.shape
+    out = x if inplace else torch.empty_like(x)
     # One chunk (every query, the official joint solve) unless the maps are large (docstring).
-    parts = [
-        conjugate_gradient(apply, data * logits[c], logits[c], settings.cg_iters)
-        for c in _chunks(q, 4 * h * w)
-    ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    for c in _chunks(q, 4 * h * w):
+        out[c] = conjugate_gradient(apply, data * x[c], x[c], settings.cg_iters)
+    return out

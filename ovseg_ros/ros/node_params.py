@@ -254,6 +254,9 @@ class ParameterHandling:
             vocab = self.segmenter.build_vocabulary(
                 entries, background, templates, progress=self._text_progress()
             )
+            # A stop during the method's vocabulary binding (after the last prompt batch, e.g.
+            # PEARL's text terms) still drops the build: it is never announced or used.
+            self._reconfigurer.check()
             # Announced before it is used, and delivered (acknowledged by every subscriber of
             # ~/vocabulary, up to ACK_SECONDS) before its first label image can be published:
             # a client then never holds a label image whose class map it has not received.
