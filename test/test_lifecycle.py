@@ -326,7 +326,7 @@ def test_lifecycle_memory_report_follows_the_states():
 
     from ovseg_ros.ros import bench_lifecycle
 
-    rows = bench_lifecycle.measure("ovseg-tiny", "cpu", 2, 160, 120, 90, next_domain_id())
+    rows = bench_lifecycle.measure("ovseg-tiny", "cpu", 1, 160, 120, 180, next_domain_id())
     states = [r["state"] for r in rows]
     assert states[0] == "unconfigured (start)" and states[-1] == "unconfigured (cleaned up)"
     assert states[2].startswith("active")

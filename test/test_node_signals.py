@@ -268,7 +268,10 @@ def test_peak_memory_with_10000_classes_on_a_640x480_frame(tmp_path):
         out = labels.last
     print(f"\n{model}, 10,000 classes, 640x480: peak RSS of ovseg_node {peak:.0f} MB")
     assert (out.width, out.height, out.encoding) == (640, 480, "mono16")
-    assert peak < 2048, f"peak RSS {peak:.0f} MB"
+    # Without chunking it would be 12 GB. Measured (BENCHMARKS.md): ovseg-tiny 1575 MB, ViT-B/16
+    # 2171 MB with PEARL (the default; NACLIP 1.8 GB): the bounds leave ~20% for noise.
+    limit = 2048 if model == "ovseg-tiny" else 2600
+    assert peak < limit, f"peak RSS {peak:.0f} MB"
 
 
 def test_an_unknown_method_fails_before_the_model_is_loaded():

@@ -121,7 +121,8 @@ def measure(
     try:
         row("unconfigured (start)")
         step(node.trigger_configure, "inactive (configured)")
-        node.trigger_activate()
+        if node.trigger_activate() != SUCCESS:
+            raise RuntimeError(f"activate: transition failed: {node.last_error}")
         deadline = time.monotonic() + timeout
         while len(got) < frames and time.monotonic() < deadline:
             msg.header.stamp = peer.get_clock().now().to_msg()
