@@ -248,6 +248,22 @@ def _call(executor, client, request, timeout=60.0):
     return future.result()
 
 
+def _labels_while_streaming(node, executor, proc, timeout: float) -> list:
+    """Stream FRAME to /image until two label images came back (or the process ended)."""
+    got: list = []
+    node.create_subscription(Image, "/ovseg/labels", got.append, 10)
+    pub = node.create_publisher(Image, "/image", 10)
+    msg = rgb_to_msg(FRAME, Header())
+
+    def send_until_labels() -> bool:
+        msg.header.stamp = node.get_clock().now().to_msg()
+        pub.publish(msg)
+        return len(got) >= 2 or proc.poll() is not None
+
+    spin_until(executor, send_until_labels, timeout, step=0.1)
+    return got
+
+
 def test_process_driven_by_a_lifecycle_manager_then_shut_down():
     """Unconfigured at start; configure + activate over the services; shutdown ends it (0)."""
     from rosutil import next_domain_id
@@ -261,17 +277,7 @@ def test_process_driven_by_a_lifecycle_manager_then_shut_down():
             assert _call(executor, get, GetState.Request()).current_state.label == "unconfigured"
             for t in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
                 assert _call(executor, change, ChangeState.Request(transition=Transition(id=t)))
-            got = []
-            node.create_subscription(Image, "/ovseg/labels", got.append, 10)
-            pub = node.create_publisher(Image, "/image", 10)
-            msg = rgb_to_msg(FRAME, Header())
-
-            def send_until_labels() -> bool:
-                msg.header.stamp = node.get_clock().now().to_msg()
-                pub.publish(msg)
-                return len(got) >= 2
-
-            assert spin_until(executor, send_until_labels, 60, step=0.1), "no labels when active"
+            assert len(_labels_while_streaming(node, executor, proc, 60)) >= 2, "no labels"
             request = ChangeState.Request(
                 transition=Transition(id=Transition.TRANSITION_ACTIVE_SHUTDOWN)
             )
@@ -290,17 +296,7 @@ def test_process_autostart_segments_at_once():
     with child_process(cmd, ros_env(domain)) as proc, ros_context(domain) as context:
         node, executor = _client(context)
         try:
-            got = []
-            node.create_subscription(Image, "/ovseg/labels", got.append, 10)
-            pub = node.create_publisher(Image, "/image", 10)
-            msg = rgb_to_msg(FRAME, Header())
-
-            def send_until_labels() -> bool:
-                msg.header.stamp = node.get_clock().now().to_msg()
-                pub.publish(msg)
-                return len(got) >= 2 or proc.poll() is not None
-
-            assert spin_until(executor, send_until_labels, 90, step=0.1)
+            got = _labels_while_streaming(node, executor, proc, 90)
             assert proc.poll() is None and len(got) >= 2
             assert stop_process(proc) == 0  # SIGINT in the active state: clean exit
         finally:
