@@ -314,14 +314,17 @@ def _through_a_qos_switch(h, stamped: bool) -> tuple[list[str], int]:
             msg.header.frame_id = f"f{seq['n']}"  # the stamp stays 0
         pub.publish(msg)
 
-    assert h.stream(publish, lambda: bool(received), timeout=15, rate=20.0)
+    # 10 Hz: the node's input keeps the newest frame only (depth 1), so an executor stalled for
+    # a whole period on a loaded machine replaces a frame by design (seen once at 20 Hz during the
+    # full suite); what is tested is the switch, not that stall.
+    assert h.stream(publish, lambda: bool(received), timeout=15, rate=10.0)
     assert h.stream(
         publish,
         lambda: cam.reliability == ReliabilityPolicy.RELIABLE and cam.old_image_sub is None,
         timeout=20,
-        rate=20.0,
+        rate=10.0,
     )
-    h.stream(publish, lambda: False, timeout=1.0, rate=20.0)
+    h.stream(publish, lambda: False, timeout=1.0, rate=10.0)
     assert switched_at, "the node never switched to reliable"
     return received, switched_at[0]
 
