@@ -466,3 +466,25 @@ def test_slide_maps_beyond_the_memory_limit_are_refused_with_the_reason(
     monkeypatch.setattr(inference, "MAX_GRID_BYTES", 1000)
     with pytest.raises(ValueError, match="crops x .* queries would hold"):
         dense_maps(seg.method, tiny_backbone, image, seg.vocabulary, "slide", 32, 8, 4)
+
+
+@pytest.mark.parametrize(
+    ("method", "mode"), [("naclip", "whole"), ("naclip", "slide"), ("pearl", "whole")]
+)
+def test_a_batch_of_frames_gives_each_frame_its_own_result(make_segmenter, method, mode):
+    """segment_batch (the node's camera batching) equals segment() frame by frame, sizes mixed."""
+    seg = make_segmenter(method=method, mode=mode, short_side=96, crop=64, stride=48)
+    frames = [random_image(72, 96, seed=1), random_image(72, 96, seed=2), random_image(60, 80)]
+    batch = seg.segment_batch(frames)
+    assert len(batch) == 3
+    for frame, result in zip(frames, batch, strict=True):
+        alone = seg.segment(frame)
+        assert result.vocabulary is alone.vocabulary
+        assert result.labels.shape == frame.shape[:2]
+        np.testing.assert_array_equal(result.labels, alone.labels)
+        np.testing.assert_allclose(result.confidence, alone.confidence, atol=1e-5)
+        np.testing.assert_allclose(result.fractions, alone.fractions, atol=1e-6)
+    # The two 72x96 frames shared one pass; the 60x80 frame had its own.
+    assert batch[0].timings["batch"] == batch[1].timings["batch"] == 2
+    assert "batch" not in batch[2].timings
+    assert not np.array_equal(batch[0].labels, batch[1].labels)

@@ -177,24 +177,50 @@ def dense_maps(
     A method with a frame step (PEARL's propagation) then transforms the maps; `frame_size`, the
     size they will be labelled at, defaults to the image's.
     """
-    _, _, h, w = image.shape
+    sizes = None if frame_size is None else [frame_size]
+    return dense_maps_batch(method, backbone, image, vocab, mode, crop, stride, max_batch, sizes)[0]
+
+
+def dense_maps_batch(
+    method: Method,
+    backbone: Backbone,
+    images: torch.Tensor,
+    vocab: Vocabulary,
+    mode: str = "whole",
+    crop: int = 224,
+    stride: int = 112,
+    max_batch: int = 16,
+    frame_sizes: list[tuple[int, int]] | None = None,
+) -> list[DenseMaps]:
+    """dense_maps of each of B normalised (B, 3, H, W) images of one size, in shared passes.
+
+    The crops (or whole images) of all B frames go through the method together, batched within
+    MAX_TOKENS as one frame's crops are, so several cameras of one size cost one ViT pass where
+    they fit; each frame's maps are then the same as dense_maps of that frame alone.
+    """
+    b, _, h, w = images.shape
     if mode == "slide":
         ch, cw = min(crop, h), min(crop, w)
         boxes = [(y, x) for y in window_starts(h, ch, stride) for x in window_starts(w, cw, stride)]
     else:
         ch, cw, boxes = h, w, [(0, 0)]
-    crops = torch.cat([image[..., y : y + ch, x : x + cw] for y, x in boxes])
+    crops = torch.cat([images[..., y : y + ch, x : x + cw] for y, x in boxes], dim=1)
+    crops = crops.reshape(b * len(boxes), 3, ch, cw)  # frame-major: frame i's crops are together
     padded = pad_to_multiple(crops, backbone.patch_size)
     grids = _method_grids(method, backbone, padded, vocab, max_batch)
-    maps = DenseMaps(
-        grids=grids,
-        boxes=boxes,
-        crop=(ch, cw),
-        padded=tuple(padded.shape[-2:]),
-        size=(h, w),
-        method=method,
-        vocab=vocab,
-    )
-    if getattr(method, "has_frame_step", False):  # stand-ins for a Method may lack the flag
-        maps = method.frame_maps(maps, image, tuple(frame_size or (h, w)))
-    return maps
+    results = []
+    for i in range(b):
+        maps = DenseMaps(
+            grids=grids[i * len(boxes) : (i + 1) * len(boxes)],
+            boxes=boxes,
+            crop=(ch, cw),
+            padded=tuple(padded.shape[-2:]),
+            size=(h, w),
+            method=method,
+            vocab=vocab,
+        )
+        if getattr(method, "has_frame_step", False):  # stand-ins for a Method may lack the flag
+            size = (h, w) if frame_sizes is None else frame_sizes[i]
+            maps = method.frame_maps(maps, images[i : i + 1], tuple(size))
+        results.append(maps)
+    return results

@@ -16,7 +16,7 @@ import torch
 
 from .backbone import Backbone, build_backbone, default_cache_root
 from .config import SegmenterConfig
-from .inference import HostStaging, check_crop_tokens, dense_maps, resize
+from .inference import HostStaging, check_crop_tokens, dense_maps_batch, resize
 from .labeling import DenseMaps, PixelLabels, label_pixels, upsample_to
 from .methods import Method, create_method
 from .methods.base import collect_timings
@@ -315,16 +315,19 @@ class Segmenter:
                 method.release()
 
     def _forward(
-        self, rgb: np.ndarray, cfg: SegmenterConfig, method: Method, vocab: Vocabulary
-    ) -> tuple[DenseMaps, torch.Tensor]:
-        """The method's maps of one frame, and the resized image in [0, 1] (1, 3, H', W').
+        self, rgbs: list[np.ndarray], cfg: SegmenterConfig, method: Method, vocab: Vocabulary
+    ) -> tuple[list[DenseMaps], torch.Tensor]:
+        """The method's maps of same-size frames, and the resized images in [0, 1] (B, 3, H', W').
 
         A whole-image pass is resized to at most inference.MAX_TOKENS patches.
         """
         patch = method.token_patch(self.backbone) if cfg.mode == "whole" else 0
-        image = resize(self._staging.upload(rgb, self.device), cfg.short_side, patch)
+        uploads = [self._staging.upload(rgb, self.device) for rgb in rgbs]
+        image = resize(
+            uploads[0] if len(uploads) == 1 else torch.cat(uploads), cfg.short_side, patch
+        )
         normed = self.backbone.normalize(image)
-        maps = dense_maps(
+        maps = dense_maps_batch(
             method,
             self.backbone,
             normed,
@@ -333,7 +336,7 @@ class Segmenter:
             cfg.crop,
             cfg.stride,
             cfg.max_batch,
-            frame_size=rgb.shape[:2],
+            frame_sizes=[rgb.shape[:2] for rgb in rgbs],
         )
         return maps, image
 
@@ -344,13 +347,40 @@ class Segmenter:
         Q x H' x W' floats: for inspection and tests; segment() never holds them all at once.
         """
         with self._frame() as (cfg, method, vocab):
-            return self._forward(as_rgb(rgb), cfg, method, vocab)[0].at_input(), vocab
+            return self._forward([as_rgb(rgb)], cfg, method, vocab)[0][0].at_input(), vocab
 
     @torch.inference_mode()
     def segment(self, rgb: np.ndarray) -> Result:
         """Label every pixel of an RGB image with a class id of the current vocabulary."""
+        return self.segment_batch([rgb])[0]
+
+    @torch.inference_mode()
+    def segment_batch(self, images: Sequence[np.ndarray]) -> list[Result]:
+        """segment() of several frames (cameras) with one vocabulary and shared ViT passes.
+
+        Frames of the same size go through the model together (dense_maps_batch); frames of
+        different sizes in separate passes. Each Result equals segment() of its frame alone,
+        and all carry the same vocabulary. A Result's "model" timing is its pass's (shared by
+        the frames of that pass, whose count is the "batch" timing).
+        """
+        rgbs = [as_rgb(image) for image in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, rgb in enumerate(rgbs):
+            groups.setdefault(rgb.shape, []).append(i)
+        results: list[Result | None] = [None] * len(rgbs)
+        with self._frame() as (cfg, method, vocab):
+            for indices in groups.values():
+                group = [rgbs[i] for i in indices]
+                done = self._segment_group(group, cfg, method, vocab)
+                for i, result in zip(indices, done, strict=True):
+                    results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _segment_group(
+        self, rgbs: list[np.ndarray], cfg: SegmenterConfig, method: Method, vocab: Vocabulary
+    ) -> list[Result]:
+        """Results of same-size frames from one forward pass (see segment_batch)."""
         t0 = time.perf_counter()
-        rgb = as_rgb(rgb)
         # On a GPU the split is timed with CUDA events, not by waiting for the model: the host
         # queues the post-processing while the GPU still runs the network.
         events = (
@@ -358,17 +388,17 @@ class Segmenter:
             if self.device.type == "cuda"
             else None
         )
-        with self._frame() as (cfg, method, vocab), collect_timings() as extra:
+        with collect_timings() as extra:
             if events:
                 events[0].record()
-            maps, image = self._forward(rgb, cfg, method, vocab)
+            maps, images = self._forward(rgbs, cfg, method, vocab)
             if events:
                 events[1].record()
             t1 = time.perf_counter()
-            pixels = self._labels(maps, image, cfg, rgb.shape[:2])
-            labels_np, conf_np, counts, sums = self._download(pixels, vocab)
-        fractions = (counts / labels_np.size).astype(np.float32)
-        scores = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
+            outputs = []
+            for rgb, frame_maps, image in zip(rgbs, maps, images, strict=True):
+                pixels = self._labels(frame_maps, image[None], cfg, rgb.shape[:2])
+                outputs.append(self._download(pixels, vocab))
         t2 = time.perf_counter()
         # The download waited for the GPU, so both events have completed.
         model_ms = events[0].elapsed_time(events[1]) if events else (t1 - t0) * 1e3
@@ -377,8 +407,15 @@ class Segmenter:
             "postprocess": max(0.0, (t2 - t0) * 1e3 - model_ms),
             "total": (t2 - t0) * 1e3,
         }
+        if len(rgbs) > 1:
+            timings["batch"] = float(len(rgbs))
         timings.update({k: v for k, v in extra.items() if k not in timings})
-        return Result(labels_np, conf_np, fractions, scores, vocab, timings)
+        results = []
+        for labels_np, conf_np, counts, sums in outputs:
+            fractions = (counts / labels_np.size).astype(np.float32)
+            scores = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
+            results.append(Result(labels_np, conf_np, fractions, scores, vocab, dict(timings)))
+        return results
 
     @staticmethod
     def _labels(
