@@ -8,21 +8,25 @@ import pytest
 import torch
 from conftest import TINY_CONFIG
 
-from ovseg_ros import bench
-from ovseg_ros.bench import (
-    PeakMemory,
-    Variant,
-    bench_text,
-    format_engine_bench,
+from ovseg_ros.benchmarks import machine
+from ovseg_ros.benchmarks.common import (
     label_agreement,
     parse_size,
-    plan_variants,
-    run_engine_bench,
-    run_matrix,
+    photo_frames,
     segmenter_agreement,
-    step_breakdown,
+)
+from ovseg_ros.benchmarks.engine_bench import run_engine_bench
+from ovseg_ros.benchmarks.machine import PeakMemory
+from ovseg_ros.benchmarks.matrix import run_matrix
+from ovseg_ros.benchmarks.report import (
+    format_engine_bench,
+    format_steps,
+    format_text,
     write_outputs,
 )
+from ovseg_ros.benchmarks.steps import step_breakdown
+from ovseg_ros.benchmarks.text import bench_text
+from ovseg_ros.benchmarks.variants import Variant, plan_variants
 from ovseg_ros.engine import SegmenterConfig
 
 #: Small model input so that every frame takes milliseconds.
@@ -103,7 +107,7 @@ def test_variants_are_compared_with_fp32_eager_of_the_same_frames(no_cuda):
 
 def test_agreement_of_a_segmenter_with_itself_is_one(make_segmenter):
     seg = make_segmenter(short_side=64)
-    frames = bench.photo_frames((48, 64), 2)
+    frames = photo_frames((48, 64), 2)
     assert segmenter_agreement(seg, seg, frames) == 1.0
     a = np.array([[0, 1], [2, 255]], np.uint8)
     assert label_agreement(a, a) == 1.0
@@ -117,7 +121,7 @@ def test_peak_memory_is_positive_with_and_without_the_reset(monkeypatch):
         block = np.ones(32 * 2**20, np.uint8)  # 32 MiB touched inside the block
         del block
     assert mem.cpu_rss_mib > 32 and mem.gpu_allocated_mib is None
-    monkeypatch.setattr(bench, "reset_rss_peak", lambda: False)
+    monkeypatch.setattr(machine, "reset_rss_peak", lambda: False)
     with PeakMemory(torch.device("cpu")) as fallback:
         pass
     assert fallback.cpu_rss_mib > 0 and "ru_maxrss" in fallback.cpu_source
@@ -150,7 +154,7 @@ def test_step_breakdown_lists_every_step_and_shares_sum_to_one(make_segmenter):
     slide = step_breakdown(seg, (60, 80), repeats=1, mode="slide")
     assert list(slide.steps) == names  # the same steps: the crops are part of the ViT step
     assert slide.mode == "slide"
-    text = bench.format_steps(b)
+    text = format_steps(b)
     assert "Outside the ViT" in text and "< 10% target" in text
 
 
@@ -163,7 +167,7 @@ def test_text_timings_have_cold_truncated_and_cached(make_segmenter):
     assert t["cache_hit_without_model"]  # the second encoder read the disk, ran no model
     assert t["max_abs_diff_truncated"] < 1e-4
     assert 2 < t["context"] < 77
-    assert "disk cache hit" in bench.format_text(t)
+    assert "disk cache hit" in format_text(t)
 
 
 def test_outputs_are_json_markdown_and_a_png(tmp_path, no_cuda):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CONFIG
 
-from ovseg_ros.bench_revision import format_against, parse_variant, run_against
+from ovseg_ros.benchmarks.revision import format_against, parse_variant, run_against
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ovseg_ros import cli
+from ovseg_ros.commands.config import config_from_args
 
 TINY = [
     "--model",
@@ -145,11 +146,11 @@ def test_flags_map_onto_config_fields():
             "4",
         ]
     )
-    cfg = cli.config_from_args(args)
+    cfg = config_from_args(args)
     assert (cfg.short_side, cfg.mode, cfg.refine, cfg.max_batch) == (224, "slide", "pamr", 4)
     assert cfg.background_words == []
     assert cfg.method_params == {"sigma": "3"}
-    untouched = cli.config_from_args(parser.parse_args(["segment"]))
+    untouched = config_from_args(parser.parse_args(["segment"]))
     assert untouched == type(cfg)()  # defaults come from the dataclass alone
 
 

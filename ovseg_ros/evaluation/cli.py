@@ -8,8 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import add_config_arguments, config_from_args, load_segmenter
+from ..commands.config import add_config_arguments, config_from_args, load_segmenter
 from ..engine import SegmenterConfig
+from .cliprc_protocol import CLIPRC_PROTOCOLS
 from .datasets import DATASETS, DatasetSpec, dataset_names, folder_spec
 from .metrics import IGNORE_INDEX
 from .runner import evaluate, to_markdown, write_report
@@ -31,6 +32,7 @@ METHOD_PROTOCOLS: dict[str, dict[str, dict[str, object]]] = {
         "cityscapes": {"method_params": {"alpha_kk": 0.3, "grid": 224}},
         "ade20k": {"method_params": {"alpha_kk": 0.3}},
     },
+    "cliprc": CLIPRC_PROTOCOLS,
 }
 
 EPILOG = """\
@@ -41,6 +43,7 @@ presets (short side; published protocol settings; flags given override them):
 every preset: slide 224/112, imagenet80 templates, the class file of the same name
 --method pearl (its configs): voc21 and voc20 whole image, coco_stuff 336,
   ade20k alpha_kk 0.3, cityscapes alpha_kk 0.3 and grid 224
+--method cliprc (its configs): every dataset short side 512, slide 512/426
 """
 
 

@@ -105,7 +105,7 @@ def run_against(
     warmup: int = 1,
 ) -> dict[str, Any]:
     """Alternate frames between REV's code and this checkout's variants; medians and ratios."""
-    here = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory(prefix="ovseg-rev-") as tmp:
         old_root = _worktree(repo, revision, Path(tmp) / "rev")
         try:
