@@ -8,11 +8,11 @@ from rosutil import next_domain_id
 
 from ovseg_ros.engine import SegmenterConfig
 from ovseg_ros.ros.bench_node import (
-    config_parameters,
     format_node_bench,
     run_node_bench,
     write_node_outputs,
 )
+from ovseg_ros.ros.bench_node_session import config_parameters
 
 pytestmark = pytest.mark.ros
 
@@ -57,10 +57,30 @@ def test_node_stream_reports_rates_and_drops_that_add_up(tiny_backbone, monkeypa
     result = run_node_bench(
         cfg, (120, 160), frames=1, backbone=tiny_backbone, duration=2.0, rate=30.0
     )
-    st = result["stream"]
+    for st, cameras in ((result["stream"], 1), (result["stream_cameras"], 2)):
+        assert st["cameras"] == cameras
+        _check_stream(st, 30.0 * 2.0 * cameras)
+    assert result["stream"]["output_over_engine_rate"] > 0
+    assert result["stream_cameras"]["output_over_one_camera"] == pytest.approx(
+        result["stream_cameras"]["output_rate_hz"] / result["stream"]["output_rate_hz"]
+    )
+    published = result["stream"]["published"]
+    table = format_node_bench(result)
+    assert "Streaming to one camera, 30 Hz for 2 s" in table
+    assert (
+        "Streaming to 2 cameras, 30 Hz for 2 s" in table and "Node counters in the stream" in table
+    )
+    assert "output rate / one camera's = " in table
+    paths = write_node_outputs(result, tmp_path, command="ovseg bench --node", date="2026-11-21")
+    assert json.loads(paths["json"].read_text())["stream"]["published"] == published
+    assert "Streaming" in paths["md"].read_text()
+
+
+def _check_stream(st, expected):
+    """Rates, drops and counters of one streaming phase add up."""
     published = st["published"]
-    assert 10 <= published <= 70  # about 60 in 2 s at 30 Hz (fewer on a busy machine)
-    assert 0 < st["input_rate_hz"] < 45
+    assert expected / 6 <= published <= expected * 7 / 6  # fewer on a busy machine
+    assert 0 < st["input_rate_hz"] < 45  # per camera
     assert st["outputs_complete"] >= 1 and st["output_rate_hz"] >= 0
     assert st["outputs_complete"] + st["drops"] == published
     assert st["drop_fraction"] == pytest.approx(st["drops"] / published)
@@ -75,8 +95,64 @@ def test_node_stream_reports_rates_and_drops_that_add_up(tiny_backbone, monkeypa
     assert c["published"] == st["outputs_complete"]
     # every drop is a frame the node replaced before inference, or one that never reached it
     assert st["drops"] == c["dropped"] + (published - c["received"]) + c["failed"]
-    table = format_node_bench(result)
-    assert "Streaming, 30 Hz for 2 s" in table and "Node counters in the stream" in table
-    paths = write_node_outputs(result, tmp_path, command="ovseg bench --node", date="2026-11-21")
-    assert json.loads(paths["json"].read_text())["stream"]["published"] == published
-    assert "Streaming" in paths["md"].read_text()
+
+
+def test_merged_rounds_add_counts_and_keep_rates_per_interval():
+    from ovseg_ros.ros.bench_node import _merge, stream_figures
+
+    def part(intervals, span, e2e):
+        return {
+            "rate_hz": 30.0,
+            "duration_s": 1.0,
+            "cameras": 2,
+            "published": 60,
+            "input_intervals": 29,
+            "input_span_s": 1.0,
+            "outputs_complete": intervals + 1,
+            "output_intervals": intervals,
+            "output_span_s": span,
+            "drops": 60 - intervals - 1,
+            "per_output_count": {"labels": intervals + 1},
+            "drained": True,
+            "node_counters": {"received": 60},
+            "end_to_end": e2e,
+            "outputs": {"labels": e2e},
+        }
+
+    merged = _merge(part(9, 1.0, [10.0]), part(19, 1.0, [30.0]))
+    assert merged["cameras"] == 2 and merged["rate_hz"] == 30.0 and merged["duration_s"] == 2.0
+    assert merged["published"] == 120 and merged["node_counters"] == {"received": 120}
+    st = stream_figures(merged, engine_rate_hz=20.0)
+    assert st["output_rate_hz"] == pytest.approx(14.0)  # 28 intervals in 2 s
+    assert st["output_over_engine_rate"] == pytest.approx(0.7)
+    assert st["node_end_to_end_ms"]["p50"] == pytest.approx(20.0)
+
+
+def test_node_bench_against_a_revision_runs_both_in_one_run(monkeypatch):
+    """REV's node and this checkout's, each in a worker process, phases interleaved."""
+    from pathlib import Path
+
+    from ovseg_ros.ros.bench_node import format_node_against, run_node_against
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(next_domain_id()))
+    config = {
+        "model_name": "ovseg-tiny",
+        "model_pretrained": "none",
+        "device": "cpu",
+        "templates": "single",
+        "text_cache_dir": "none",
+    }
+    result = run_node_against(
+        repo, "HEAD", config, (96, 128), frames=2, duration=1.0, rate=15.0, rounds=1
+    )
+    before, after = result["rows"]
+    assert before["label"] == "HEAD" and after["label"] == "this checkout"
+    for row in (before, after):
+        assert row["frames"] == 2 and row["engine_ms"]["p50"] > 0
+        assert [st["cameras"] for st in row["streams"]] == [1, 2]
+        assert all(st["outputs_complete"] >= 1 for st in row["streams"])
+    table = format_node_against(result)
+    assert "| stream, 2 cameras: output Hz |" in table and "after / before" in table

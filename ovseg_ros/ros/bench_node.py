@@ -1,19 +1,21 @@
 """Node benchmark: the ROS node against the bare engine, one frame at a time and as a stream.
 
-One process, one model, one node. Two phases:
+One process, one model (bench_node_session.py: the peer camera and the nodes). Phases:
 
 * alternating: for every frame the bare `Segmenter.segment` is timed, then the same frame goes
   through the node (published on `image` by a peer node, received back on each subscribed output),
   so that both see the same machine load. A frame is sent only after the previous one came back:
-  per-frame latency without queueing. The ratio of the medians is the node's overhead over the
-  engine (decode, copies, overlay, masks, messages, DDS) in the same run.
+  per-frame latency without queueing. The difference of the medians is the node's overhead over
+  the engine (decode, copies, overlay, masks, messages, DDS) in the same run.
 * streaming: the peer publishes frames at `rate` Hz for `duration` seconds regardless of the
-  node, as a camera does. Reported: the input rate achieved, the output rate, the end-to-end
-  latency (input stamp -> arrival of each output), and the drops: frames published that never
-  came out on every output, with the node's own counters (received, replaced by a newer frame
-  before the worker took it, processed) to say where they went.
+  node, as a camera does. Reported: the input rate achieved, the output rate (and its ratio to
+  the bare engine's rate, 1 / its median time), the end-to-end latency (input stamp -> arrival
+  of each output), and the drops, with the node's own counters to say where they went.
+* streaming to two cameras of one node: the same at the same rate per camera; the output rate of
+  both together against one camera's (camera batching).
 
-Frames are matched to outputs by their header stamp.
+`--against REV` runs the same phases in two worker processes, REV's code and this checkout's,
+in interleaved rounds, so the before/after ratios come from one run (run_node_against).
 
     .venv/bin/ovseg bench --node --pretrained none --frames 20 --duration 10
 """
@@ -21,46 +23,16 @@ Frames are matched to outputs by their header stamp.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-
-from ..bench import OtherCpuUse, format_machine, machine_info, percentile
-from ..engine import Segmenter, SegmenterConfig
-from ..engine.config import parameter_fields
-from ..engine.segmenter import load_backbone
-from ..samples import sample_images
-from .demo import share_dir
-
-DEFAULT_OUTPUTS = ("labels", "confidence", "overlay")
-
-
-def config_parameters(cfg: SegmenterConfig) -> dict[str, Any]:
-    """The node parameters (dotted names) that reproduce an engine config."""
-    values: dict[str, Any] = {}
-    for f in parameter_fields():
-        key = f.metadata["key"]
-        value = getattr(cfg, f.name)
-        if key == "method_params":
-            values.update({f"method_params.{k}": v for k, v in value.items()})
-        else:
-            values[key] = list(value) if isinstance(value, list | tuple) else value
-    return values
-
-
-def _frames(size: tuple[int, int], count: int) -> list[np.ndarray]:
-    height, width = size
-    photos = [rgb for _, rgb in sample_images()]
-    return [
-        np.ascontiguousarray(cv2.resize(photos[i % len(photos)], (width, height)))
-        for i in range(count)
-    ]
+from ..benchmarks.common import percentile
+from ..benchmarks.machine import OtherCpuUse, format_machine, machine_info
+from ..engine import SegmenterConfig
+from .bench_node_session import DEFAULT_OUTPUTS, NodeSession
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -73,26 +45,34 @@ def _stats(samples: list[float]) -> dict[str, float]:
     }
 
 
-def _node_counters(node: Any) -> dict[str, int] | None:
-    """The node's own counters for its (single) camera, None when they cannot be read."""
-    try:
-        name, cam = next(iter(node._cams.items()))
-        slot = node._slots.stats[name]
-        return {
-            "received": int(slot.received),
-            "dropped": int(slot.dropped),  # replaced by a newer frame before the worker took it
-            "processed": int(slot.processed),
-            "failed": int(slot.failed),
-            "published": int(cam.stats.published),
-        }
-    except (AttributeError, KeyError, StopIteration, TypeError):
-        return None
+def alternating_figures(samples: dict[str, Any]) -> dict[str, Any]:
+    """Medians and ratios of NodeSession.alternate samples."""
+    engine, e2e = _stats(samples["engine"]), _stats(samples["end_to_end"])
+    measured = bool(samples["engine"])
+    return {
+        "frames": len(samples["engine"]),
+        "engine_ms": engine,
+        "engine_rate_hz": 1e3 / engine["p50"] if measured else 0.0,
+        "node_end_to_end_ms": e2e,
+        "node_per_output_ms": {n: _stats(v) for n, v in samples["outputs"].items()},
+        "overhead_ratio_p50": e2e["p50"] / engine["p50"] if measured else None,
+        "overhead_ms_p50": e2e["p50"] - engine["p50"] if measured else None,
+    }
 
 
-def _delta(after: dict[str, int] | None, before: dict[str, int] | None) -> dict[str, int] | None:
-    if after is None or before is None:
-        return None
-    return {k: after[k] - before[k] for k in after}
+def stream_figures(raw: dict[str, Any], engine_rate_hz: float = 0.0) -> dict[str, Any]:
+    """NodeSession.stream samples -> rates, drops and latency percentiles."""
+    st = {k: v for k, v in raw.items() if k not in ("end_to_end", "outputs")}
+    st["input_rate_hz"] = st["input_intervals"] / st["input_span_s"] if st["input_span_s"] else 0.0
+    st["output_rate_hz"] = (
+        st["output_intervals"] / st["output_span_s"] if st["output_span_s"] else 0.0
+    )
+    st["drop_fraction"] = st["drops"] / st["published"] if st["published"] else 0.0
+    st["node_per_output_ms"] = {n: _stats(v) for n, v in raw["outputs"].items()}
+    st["node_end_to_end_ms"] = _stats(raw["end_to_end"])
+    if engine_rate_hz > 0:
+        st["output_over_engine_rate"] = st["output_rate_hz"] / engine_rate_hz
+    return st
 
 
 def run_node_bench(
@@ -105,222 +85,45 @@ def run_node_bench(
     duration: float = 0.0,
     rate: float = 30.0,
     progress: Callable[[str], None] | None = None,
+    cameras: int = 2,
 ) -> dict[str, Any]:
-    """Time `frames` frames through the engine and the node, alternating, then stream for
-    `duration` seconds at `rate` Hz (0 = no streaming phase); see the module doc."""
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    os.environ.setdefault(
-        "FASTDDS_DEFAULT_PROFILES_FILE", str(share_dir() / "config" / "fastdds.xml")
-    )
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.node import Node
-    from rclpy.parameter import Parameter
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image
-
-    from .codec import rgb_to_msg
-    from .node import OvsegNode
-
-    backbone = backbone or load_backbone(cfg)
-    engine = Segmenter(cfg, backbone=backbone)
-    images = _frames(size, frames + 1)
-    context = Context()
-    rclpy.init(
-        context=context, domain_id=int(os.environ.get("ROS_DOMAIN_ID", 100 + os.getpid() % 100))
-    )
-    params = {k: v for k, v in config_parameters(cfg).items() if v != []}
-    # The bench camera is reliable: subscribe reliable from the start (input.qos auto would
-    # resubscribe once it sees the publisher, losing that frame).
-    params["input.qos"] = "reliable"
-    overrides = [Parameter(k, value=v) for k, v in params.items()]
-    node = OvsegNode(context=context, parameter_overrides=overrides, backbone=backbone)
-    peer = Node("bench_camera", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    executor.add_node(peer)
-    reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
-    pub = peer.create_publisher(Image, "image", reliable)
-    arrivals: dict[str, dict[int, float]] = {name: {} for name in outputs}
-
-    def keeper(name: str):
-        def keep(msg: Image) -> None:
-            arrivals[name][msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec] = time.time()
-
-        return keep
-
-    for name in outputs:
-        peer.create_subscription(Image, f"/ovseg/{name}", keeper(name), reliable)
-
-    def spin_until(predicate, limit: float) -> bool:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            executor.spin_once(timeout_sec=0.1)
-        return predicate()
-
-    def stamp(msg: Image) -> int:
-        """Stamp the message with the wall clock now; return the stamp in ns (the match key)."""
-        sent = time.time_ns()
-        msg.header.stamp.sec = sent // 10**9
-        msg.header.stamp.nanosec = sent % 10**9
-        return sent
-
-    engine_ms: list[float] = []
-    node_ms: dict[str, list[float]] = {name: [] for name in outputs}
-    e2e_ms: list[float] = []
-    stream: dict[str, Any] | None = None
+    """Time `frames` frames through the engine and the node, alternating; then stream for
+    `duration` seconds at `rate` Hz to one camera and (cameras > 1) to `cameras` cameras of one
+    node (0 s = no streaming phase); see the module doc."""
     machine = machine_info()
     others = OtherCpuUse()
+    session = NodeSession(cfg, size, outputs, backbone=backbone, timeout=timeout)
+    streams: list[dict[str, Any]] = []
     try:
-        if not spin_until(
-            lambda: (
-                pub.get_subscription_count() > 0
-                and all(node.count_subscribers(f"/ovseg/{n}") > 0 for n in outputs)
-            ),
-            30.0,
-        ):
-            raise RuntimeError("the node and the bench camera did not discover each other")
         if progress:
             progress(f"node bench: {frames} frames one at a time (+1 warm-up)")
-        for i, rgb in enumerate(images):
-            t0 = time.perf_counter()
-            engine.segment(rgb)
-            engine_time = (time.perf_counter() - t0) * 1e3
-            msg = rgb_to_msg(rgb, None)
-            key = stamp(msg)
-            pub.publish(msg)
-            if not spin_until(lambda k=key: all(k in arrivals[n] for n in outputs), timeout):
-                raise RuntimeError(f"frame {i} did not come back from the node within {timeout} s")
-            if i == 0:
-                continue  # warm-up: caches, first allocations
-            engine_ms.append(engine_time)
-            for name in outputs:
-                node_ms[name].append((arrivals[name][key] * 1e9 - key) * 1e-6)
-            e2e_ms.append((max(arrivals[n][key] for n in outputs) * 1e9 - key) * 1e-6)
-        if duration > 0:
+        alternating = alternating_figures(session.alternate(frames))
+        for count in [1, cameras] if cameras > 1 else [1]:
+            if duration <= 0:
+                break
             if progress:
-                progress(f"node bench: streaming at {rate:g} Hz for {duration:g} s")
-            stream = _stream(
-                node, peer, pub, images, arrivals, outputs, spin_until, stamp, duration, rate
-            )
+                progress(
+                    f"node bench: streaming at {rate:g} Hz to {count} camera(s), {duration:g} s"
+                )
+            raw = session.stream(duration, rate, count)
+            streams.append(stream_figures(raw, alternating["engine_rate_hz"]))
     finally:
-        node.destroy_node()
-        peer.destroy_node()
-        executor.shutdown()
-        context.try_shutdown()
-
+        session.close()
     machine["other_processes_cpu_share"] = others.share()
-    engine_stats = _stats(engine_ms)
-    e2e_stats = _stats(e2e_ms)
+    bb = session.backbone
+    if len(streams) > 1 and streams[0]["output_rate_hz"] > 0:
+        streams[1]["output_over_one_camera"] = (
+            streams[1]["output_rate_hz"] / streams[0]["output_rate_hz"]
+        )
     return {
         "machine": machine,
         "size": f"{size[1]}x{size[0]}",
-        "frames": len(engine_ms),
-        "model": f"{backbone.name} ({backbone.source}) on {backbone.device}",
+        "model": f"{bb.name} ({bb.source}) on {bb.device}",
         "method": cfg.method,
         "outputs": list(outputs),
-        "engine_ms": engine_stats,
-        "node_end_to_end_ms": e2e_stats,
-        "node_per_output_ms": {n: _stats(v) for n, v in node_ms.items()},
-        "overhead_ratio_p50": e2e_stats["p50"] / engine_stats["p50"] if engine_ms else None,
-        "overhead_ms_p50": e2e_stats["p50"] - engine_stats["p50"] if engine_ms else None,
-        "stream": stream,
-    }
-
-
-def _stream(
-    node: Any,
-    peer: Any,
-    pub: Any,
-    images: list[np.ndarray],
-    arrivals: dict[str, dict[int, float]],
-    outputs: tuple[str, ...],
-    spin_until: Callable[[Callable[[], bool], float], bool],
-    stamp: Callable[[Any], int],
-    duration: float,
-    rate: float,
-) -> dict[str, Any]:
-    """Publish at `rate` Hz for `duration` s from a timer, let the node finish, count."""
-    from .codec import rgb_to_msg
-
-    messages = [rgb_to_msg(rgb, None) for rgb in images[: max(1, min(len(images), 5))]]
-    sent: list[int] = []  # stamps (ns) of the published frames, in order
-
-    def tick() -> None:
-        msg = messages[len(sent) % len(messages)]
-        key = stamp(msg)
-        pub.publish(msg)
-        sent.append(key)
-
-    # Counters are read while the worker is idle: a frame of the earlier phase still in hand
-    # would otherwise count as processed in this phase without having been received in it.
-    worker = getattr(node, "_worker", None)
-    spin_until(lambda: worker is None or not worker.busy.is_set(), 10.0)
-    before = _node_counters(node)
-    timer = peer.create_timer(1.0 / rate, tick)
-    start = time.monotonic()
-    spin_until(lambda: time.monotonic() - start >= duration, duration + 5.0)
-    timer.cancel()
-    peer.destroy_timer(timer)
-    published = len(sent)
-
-    def complete() -> int:
-        return sum(all(k in arrivals[n] for n in outputs) for k in sent)
-
-    def settled() -> bool:
-        # Everything the node received is accounted for (processed, replaced or failed), the
-        # worker is idle and the outputs of every frame it published have arrived.
-        delta = _delta(_node_counters(node), before)
-        if delta is None:
-            return False
-        done = delta["processed"] + delta["dropped"] + delta["failed"]
-        worker = getattr(node, "_worker", None)
-        busy = worker is not None and worker.busy.is_set()
-        return (
-            delta["received"] >= published
-            and done >= delta["received"]
-            and not busy
-            and complete() >= delta["published"]
-        )
-
-    # Drain: wait for the frame in hand (a few frame times at most); a frame lost on the way to
-    # the node never settles the counters, so the wait is bounded.
-    seen = [
-        max(arrivals[n][k] for n in outputs) - k * 1e-9
-        for k in sent
-        if all(k in arrivals[n] for n in outputs)
-    ]
-    longest = max(seen, default=0.0)
-    spin_until(settled, max(5.0, 3 * longest))
-    drained = settled()
-    after = _delta(_node_counters(node), before)
-
-    done_keys = [k for k in sent if all(k in arrivals[n] for n in outputs)]
-    per_output = {
-        n: _stats([(arrivals[n][k] * 1e9 - k) * 1e-6 for k in sent if k in arrivals[n]])
-        for n in outputs
-    }
-    last = [(max(arrivals[n][k] for n in outputs) * 1e9 - k) * 1e-6 for k in done_keys]
-    span_in = (sent[-1] - sent[0]) * 1e-9 if published > 1 else 0.0
-    finish = [max(arrivals[n][k] for n in outputs) for k in done_keys]
-    span_out = (max(finish) - min(finish)) if len(finish) > 1 else 0.0
-    return {
-        "rate_hz": rate,
-        "duration_s": duration,
-        "published": published,
-        "input_rate_hz": (published - 1) / span_in if span_in > 0 else 0.0,
-        "outputs_complete": len(done_keys),
-        "output_rate_hz": (len(done_keys) - 1) / span_out if span_out > 0 else 0.0,
-        "per_output_count": {n: sum(k in arrivals[n] for k in sent) for n in outputs},
-        "drops": published - len(done_keys),
-        "drop_fraction": (published - len(done_keys)) / published if published else 0.0,
-        "node_counters": after,
-        "drained": drained,
-        "node_per_output_ms": per_output,
-        "node_end_to_end_ms": _stats(last),
+        **alternating,
+        "stream": streams[0] if streams else None,
+        "stream_cameras": streams[1] if len(streams) > 1 else None,
     }
 
 
@@ -349,40 +152,57 @@ def format_node_bench(result: dict[str, Any]) -> str:
             f"Node overhead over the engine: x{result['overhead_ratio_p50']:.3f} "
             f"({result['overhead_ms_p50']:+.1f} ms per frame, medians of the same run)",
         ]
-    st = result.get("stream")
-    if st:
+    if result.get("engine_rate_hz"):
+        lines.append(f"Bare engine rate: {result['engine_rate_hz']:.2f} Hz (1 / median)")
+    for key in ("stream", "stream_cameras"):
+        if result.get(key):
+            lines += ["", *format_stream(result[key])]
+    return "\n".join(lines)
+
+
+def format_stream(st: dict[str, Any]) -> list[str]:
+    """Lines of one streaming phase: rates, drops, latency per output, the node's counters."""
+    cams = st.get("cameras", 1)
+    where = f"{cams} cameras" if cams > 1 else "one camera"
+    lines = [
+        f"Streaming to {where}, {st['rate_hz']:g} Hz for {st['duration_s']:g} s: "
+        f"{st['published']} frames published ({st['input_rate_hz']:.1f} Hz achieved), "
+        f"{st['outputs_complete']} came out on every output ({st['output_rate_hz']:.2f} Hz), "
+        f"{st['drops']} dropped ({st['drop_fraction']:.0%})",
+    ]
+    ratios = []
+    if "output_over_engine_rate" in st:
+        ratios.append(f"output rate / bare engine rate = {st['output_over_engine_rate']:.2f}")
+    if "output_over_one_camera" in st:
+        ratios.append(f"output rate / one camera's = {st['output_over_one_camera']:.2f}")
+    if ratios:
+        lines.append("; ".join(ratios))
+    lines += [
+        "",
+        "| stream: input stamp -> | frames | p50 ms | p95 ms | mean ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in st["node_per_output_ms"].items():
+        lines.append(
+            f"| ~/{name} | {st['per_output_count'][name]} | {s['p50']:.1f} | "
+            f"{s['p95']:.1f} | {s['mean']:.1f} |"
+        )
+    s = st["node_end_to_end_ms"]
+    lines.append(
+        f"| last output | {st['outputs_complete']} | {s['p50']:.1f} | {s['p95']:.1f} "
+        f"| {s['mean']:.1f} |"
+    )
+    c = st["node_counters"]
+    if c is not None:
+        lost = st["published"] - c["received"]
         lines += [
             "",
-            f"Streaming, {st['rate_hz']:g} Hz for {st['duration_s']:g} s: {st['published']} "
-            f"frames published ({st['input_rate_hz']:.1f} Hz achieved), "
-            f"{st['outputs_complete']} came out on every output "
-            f"({st['output_rate_hz']:.2f} Hz), {st['drops']} dropped "
-            f"({st['drop_fraction']:.0%})",
-            "",
-            "| stream: input stamp -> | frames | p50 ms | p95 ms | mean ms |",
-            "|---|---|---|---|---|",
+            f"Node counters in the stream: received {c['received']} (lost on the way "
+            f"{lost}), replaced by a newer frame before inference {c['dropped']}, "
+            f"processed {c['processed']}, published {c['published']}, failed {c['failed']}"
+            + ("" if st["drained"] else " (the node had not settled when the bench ended)"),
         ]
-        for name, s in st["node_per_output_ms"].items():
-            lines.append(
-                f"| ~/{name} | {st['per_output_count'][name]} | {s['p50']:.1f} | "
-                f"{s['p95']:.1f} | {s['mean']:.1f} |"
-            )
-        s = st["node_end_to_end_ms"]
-        lines.append(
-            f"| last output | {st['outputs_complete']} | {s['p50']:.1f} | {s['p95']:.1f} "
-            f"| {s['mean']:.1f} |"
-        )
-        c = st["node_counters"]
-        if c is not None:
-            lost = st["published"] - c["received"]
-            lines += [
-                "",
-                f"Node counters in the stream: received {c['received']} (lost on the way "
-                f"{lost}), replaced by a newer frame before inference {c['dropped']}, "
-                f"processed {c['processed']}, published {c['published']}, failed {c['failed']}"
-                + ("" if st["drained"] else " (the node had not settled when the bench ended)"),
-            ]
-    return "\n".join(lines)
+    return lines
 
 
 def write_node_outputs(
@@ -400,4 +220,177 @@ def write_node_outputs(
     return paths
 
 
-__all__ = ["config_parameters", "format_node_bench", "run_node_bench", "write_node_outputs"]
+#: Runs bench_node_session.py (this checkout's file) under the code on PYTHONPATH.
+_WORKER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
+
+
+def _start_worker(root: Path, spec: dict[str, Any]) -> Any:
+    """A worker process driving the node of the checkout at `root` (see bench_node_session)."""
+    import os
+    import subprocess
+    import sys
+
+    from . import bench_node_session
+
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, bench_node_session.__file__],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=root,
+    )
+    assert proc.stdin and proc.stdout
+    proc.stdin.write(json.dumps(spec) + "\n")
+    proc.stdin.flush()
+    if not proc.stdout.readline().startswith('{"ready"'):
+        proc.kill()
+        raise ValueError(f"the node bench worker for {root} did not start")
+    return proc
+
+
+def _ask(proc: Any, **command: Any) -> dict[str, Any]:
+    proc.stdin.write(json.dumps(command) + "\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"a node bench worker ended during {command['phase']}")
+    return json.loads(line)
+
+
+def _merge(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
+    """Samples of two rounds of one phase together (lists appended, counts added)."""
+    if total is None:
+        return part
+    out = dict(total)
+    for key, value in part.items():
+        if key in ("rate_hz", "cameras"):
+            continue  # the same in every round
+        if isinstance(value, bool):
+            out[key] = total[key] and value
+        elif isinstance(value, list):
+            out[key] = total[key] + value
+        elif isinstance(value, dict):
+            out[key] = _merge(total[key], value)
+        elif isinstance(value, int | float):
+            out[key] = total[key] + value
+    return out
+
+
+def run_node_against(
+    repo: Path,
+    revision: str,
+    config: dict[str, Any],
+    size: tuple[int, int],
+    frames: int,
+    duration: float,
+    rate: float,
+    rounds: int = 3,
+    cameras: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The node bench of REV's code and of this checkout, in `rounds` interleaved rounds.
+
+    Each worker process runs this checkout's bench_node_session.py over its own code and model
+    (`config`: the SegmenterConfig fields given on the command line). Every phase is split in
+    `rounds` parts that alternate between the two, so machine noise falls on both alike.
+    """
+    import subprocess
+    import tempfile
+
+    from ..benchmarks.revision import _worktree
+
+    here = Path(__file__).resolve().parents[2]
+    spec = {"config": config, "size": list(size), "outputs": list(DEFAULT_OUTPUTS)}
+    labels = [revision, "this checkout"]
+    phases: list[tuple[str, dict[str, Any]]] = [("alternate", {"frames": max(1, frames // rounds)})]
+    if duration > 0:
+        for count in [1, cameras] if cameras > 1 else [1]:
+            phases.append(
+                ("stream", {"duration": duration / rounds, "rate": rate, "cameras": count})
+            )
+    samples: dict[tuple[str, int], list[dict[str, Any] | None]] = {}
+    with tempfile.TemporaryDirectory(prefix="ovseg-rev-") as tmp:
+        old_root = _worktree(repo, revision, Path(tmp) / "rev")
+        procs = []
+        try:
+            procs = [_start_worker(root, spec) for root in (old_root, here)]
+            for i, (phase, args) in enumerate(phases):
+                total: list[dict[str, Any] | None] = [None, None]
+                for r in range(rounds):
+                    for w, proc in enumerate(procs):
+                        if progress:
+                            progress(f"{labels[w]}: {phase} {args}, round {r + 1}/{rounds}")
+                        total[w] = _merge(total[w], _ask(proc, phase=phase, **args))
+                samples[(phase, i)] = total
+        finally:
+            for proc in procs:
+                proc.stdin.close()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            subprocess.run(
+                ["git", "-C", str(repo), "worktree", "remove", "--force", str(old_root)],
+                capture_output=True,
+            )
+    rows = []
+    for w, label in enumerate(labels):
+        alternating = alternating_figures(samples[("alternate", 0)][w])
+        streams = [
+            stream_figures(samples[key][w], alternating["engine_rate_hz"])
+            for key in samples
+            if key[0] == "stream"
+        ]
+        if len(streams) > 1 and streams[0]["output_rate_hz"] > 0:
+            streams[1]["output_over_one_camera"] = (
+                streams[1]["output_rate_hz"] / streams[0]["output_rate_hz"]
+            )
+        rows.append({"label": label, **alternating, "streams": streams})
+    return {"revision": revision, "size": f"{size[1]}x{size[0]}", "rounds": rounds, "rows": rows}
+
+
+def format_node_against(result: dict[str, Any]) -> str:
+    """Markdown: the two checkouts' node figures side by side, and after / before."""
+    before, after = result["rows"]
+    lines = [
+        f"Node bench, this checkout against {result['revision']}, {result['size']}, "
+        f"{result['rounds']} interleaved rounds per phase (one run)",
+        "",
+        f"| figure | {before['label']} | this checkout | after / before |",
+        "|---|---|---|---|",
+    ]
+
+    def row(name: str, a: float, b: float, fmt: str = ".1f") -> None:
+        ratio = b / a if a else float("nan")
+        lines.append(f"| {name} | {a:{fmt}} | {b:{fmt}} | {ratio:.2f} |")
+
+    row("engine p50 ms", before["engine_ms"]["p50"], after["engine_ms"]["p50"])
+    row("node, one at a time: p50 ms", *(r["node_end_to_end_ms"]["p50"] for r in (before, after)))
+    row("node overhead p50 ms", before["overhead_ms_p50"], after["overhead_ms_p50"])
+    for i, st in enumerate(before["streams"]):
+        other = after["streams"][i]
+        what = f"{st['cameras']} camera{'s' if st['cameras'] > 1 else ''}"
+        row(f"stream, {what}: output Hz", st["output_rate_hz"], other["output_rate_hz"], ".2f")
+        row(
+            f"stream, {what}: output / engine rate",
+            st.get("output_over_engine_rate", 0.0),
+            other.get("output_over_engine_rate", 0.0),
+            ".2f",
+        )
+        for q in ("p50", "p95"):
+            row(
+                f"stream, {what}: latency {q} ms",
+                st["node_end_to_end_ms"][q],
+                other["node_end_to_end_ms"][q],
+            )
+        if "output_over_one_camera" in st:
+            row(
+                f"stream, {what}: / one camera's rate",
+                st["output_over_one_camera"],
+                other.get("output_over_one_camera", 0.0),
+                ".2f",
+            )
+    return "\n".join(lines)
