@@ -65,7 +65,8 @@ CONTRACT_DEFAULTS = {
 
 #: The registry's method names (ovseg_ros/engine/methods), as `ovseg methods` lists them.
 METHODS = [
-    "clearclip", "clip", "cliper", "cliptrase", "maskclip", "naclip", "pearl", "proxyclip", "sclip"
+    "clearclip", "clip", "cliper", "cliprc", "cliptrase", "maskclip", "naclip", "pearl",
+    "proxyclip", "sclip",
 ]  # fmt: skip
 
 

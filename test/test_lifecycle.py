@@ -18,7 +18,7 @@ from rosutil import child_process, python_executable, ros_context, ros_env, spin
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
-from ovseg_ros.ros.codec import rgb_to_msg
+from ovseg_ros.ros.encode import rgb_to_msg
 from ovseg_ros.ros.lifecycle import OvsegLifecycleNode
 
 pytestmark = pytest.mark.ros
@@ -86,7 +86,7 @@ def test_every_transition_and_outputs_only_when_active(harness, tiny_backbone):
     assert lc.set(Transition.TRANSITION_DEACTIVATE)
     assert lc.state() == "inactive"
     assert h.spin_until(lambda: h.node.count_subscribers("/image") == 0, 10)
-    assert not h.node.worker._thread.is_alive()
+    assert h.node.worker.ended()
     assert lc.no_labels_while_streaming(), "an inactive node publishes nothing"
     assert h.node.segmenter is not None  # the model stays loaded by default
 
@@ -201,7 +201,7 @@ def test_shutdown_from_each_state(harness, state):
     assert lc.set(transition)
     assert h.node.state == "finalized" and h.node.segmenter is None
     if state == "active":
-        assert not h.node.worker._thread.is_alive()
+        assert h.node.worker.ended()
     gc.collect()
     assert model is None or model() is None
 

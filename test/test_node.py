@@ -27,10 +27,11 @@ from rclpy.qos import (
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import SetBool
-from test_codec import build, image_msg
+from test_decode import build, image_msg
 
-from ovseg_ros.ros import node as node_module
-from ovseg_ros.ros.codec import msg_to_array, rgb_to_msg
+from ovseg_ros.ros import node_classmap, outputs
+from ovseg_ros.ros.decode import msg_to_array
+from ovseg_ros.ros.encode import rgb_to_msg
 
 pytestmark = pytest.mark.ros
 
@@ -338,7 +339,7 @@ def test_bad_input_is_rejected_and_counted(harness, tiny_backbone):
             pub.publish(msg)
 
         assert h.stream(publish, lambda c=count: sum(stats.rejected.values()) >= c, 30), what
-    assert h.node.worker._thread.is_alive()
+    assert h.node.worker.alive()
     status = h.node.diagnostics()
     values = {kv.key: kv.value for kv in status.values}
     assert int(values["camera: frames rejected"]) >= 3
@@ -372,7 +373,7 @@ def test_corrupt_compressed_frames_are_rejected(harness, tiny_backbone):
         pub.publish(msg)
 
     assert h.stream(publish, lambda: sum(stats.rejected.values()) >= 2, timeout=30)
-    assert h.node.worker._thread.is_alive()
+    assert h.node.worker.alive()
 
 
 def test_overload_keeps_latency_bounded_and_counts_drops(harness, tiny_backbone):
@@ -443,14 +444,14 @@ def test_unsubscribed_outputs_cost_no_compute(harness, tiny_backbone, monkeypatc
         calls["segment"] += 1
         return segment(rgb)
 
-    real_overlay = node_module.overlay
+    real_overlay = outputs.overlay
 
     def counting_overlay(*args, **kwargs):
         calls["overlay"] += 1
         return real_overlay(*args, **kwargs)
 
     h.node.segmenter.segment = counting_segment
-    monkeypatch.setattr(node_module, "overlay", counting_overlay)
+    monkeypatch.setattr(outputs, "overlay", counting_overlay)
     pub = h.publisher("image")
     msg = rgb_to_msg(sample_frame(160, 120), None)
     stats = h.node.cameras[""].stats
@@ -508,7 +509,7 @@ def test_shutdown_with_a_frame_in_flight(harness, tiny_backbone):
     t0 = time.monotonic()
     h.node.shutdown(timeout=10)
     assert time.monotonic() - t0 < 10
-    assert not h.node.worker._thread.is_alive()
+    assert h.node.worker.ended()
 
 
 def test_diagnostics_are_published(harness, tiny_backbone):
@@ -570,10 +571,10 @@ def test_label_info_message_mirrors_the_class_map(monkeypatch, make_segmenter):
         def __init__(self):
             self.header, self.class_map, self.threshold = Header(), [], None
 
-    monkeypatch.setattr(node_module, "LabelInfo", LabelInfo)
-    monkeypatch.setattr(node_module, "VisionClass", VisionClass)
+    monkeypatch.setattr(node_classmap, "LabelInfo", LabelInfo)
+    monkeypatch.setattr(node_classmap, "VisionClass", VisionClass)
     vocab = make_segmenter(vocabulary=["door", "red mug; coffee mug"]).vocabulary
-    msg = node_module.label_info_msg(vocab, 5_000_000_123, "camera_optical", 0.25)
+    msg = node_classmap.label_info_msg(vocab, 5_000_000_123, "camera_optical", 0.25)
     assert [(c.class_id, c.class_name) for c in msg.class_map] == [(0, "door"), (1, "red mug")]
     assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (5, 123)
     assert msg.header.frame_id == "camera_optical" and msg.threshold == 0.25

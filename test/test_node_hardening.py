@@ -23,9 +23,10 @@ from std_msgs.msg import String
 
 from ovseg_ros.engine.text import MAX_CLASSES
 from ovseg_ros.ros import diagnostics as D
-from ovseg_ros.ros import node as node_module
+from ovseg_ros.ros import node_classmap
 from ovseg_ros.ros.classmap import ClassMapHistory, stamp_from_dict, stamp_ns
-from ovseg_ros.ros.codec import REJECTION_KINDS, msg_to_array, rgb_to_msg
+from ovseg_ros.ros.decode import REJECTION_KINDS, msg_to_array
+from ovseg_ros.ros.encode import rgb_to_msg
 from ovseg_ros.ros.masks import mask_slugs
 
 pytestmark = pytest.mark.ros
@@ -135,14 +136,14 @@ def test_every_published_label_image_pairs_with_its_class_map_by_stamp(harness, 
     h = harness(backbone=tiny_backbone)
     node = h.node
     truth: dict[tuple[int, str], int] = {}  # (stamp, frame_id) -> version actually used
-    publish_labels = node.cameras[""].labels_pub.publish
+    publish_labels = node.cameras[""].publisher("labels").publish
 
     def spy(msg):
         # Called under the node's output lock, right after the rule admitted the frame.
         truth[(stamp_ns(msg.header), msg.header.frame_id)] = node._stamps.current.version
         publish_labels(msg)
 
-    node.cameras[""].labels_pub.publish = spy
+    node.cameras[""].publisher("labels").publish = spy
     vocab = h.collect("/ovseg/vocabulary", String, LATCHED)
     labels = h.collect("/ovseg/labels")
     publish = _stream_frames(h, 96, 72)
@@ -177,7 +178,7 @@ def test_label_info_carries_threshold_and_frame_id(harness, tiny_backbone, monke
             sent.append(msg)
 
     monkeypatch.setattr(
-        node_module,
+        node_classmap,
         "label_info_msg",
         lambda vocab, stamp, frame_id, threshold: (vocab.version, stamp, frame_id, threshold),
     )
@@ -464,7 +465,7 @@ def test_label_info_keeps_the_first_cameras_frame_id(harness, tiny_backbone, mon
             return True
 
     monkeypatch.setattr(
-        node_module, "label_info_msg", lambda vocab, stamp, frame_id, threshold: frame_id
+        node_classmap, "label_info_msg", lambda vocab, stamp, frame_id, threshold: frame_id
     )
     h = harness(backbone=tiny_backbone, cameras=["front", "rear"])
     h.node._label_info_pub = FakeLabelInfoPub()

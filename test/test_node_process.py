@@ -45,7 +45,8 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header, String
 
 from ovseg_ros.engine.config import DEFAULT_VOCABULARY
-from ovseg_ros.ros.codec import msg_to_array, rgb_to_msg
+from ovseg_ros.ros.decode import msg_to_array
+from ovseg_ros.ros.encode import rgb_to_msg
 from ovseg_ros.samples import sample_images
 
 pytestmark = pytest.mark.ros

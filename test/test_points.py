@@ -16,8 +16,8 @@ from std_msgs.msg import Header
 
 from ovseg_ros.ros import depth as Dp
 from ovseg_ros.ros import points as Pt
+from ovseg_ros.ros.camera.messages import depth_to_msg, floor_depth, pinhole_camera_info
 from ovseg_ros.ros.params import NodeOptions
-from ovseg_ros.ros.sample_camera import depth_to_msg, floor_depth, pinhole_camera_info
 from ovseg_ros.viz import class_colors
 
 K = [400.0, 0.0, 319.5, 0.0, 420.0, 239.5, 0.0, 0.0, 1.0]  # fx != fy: x and y are told apart
@@ -389,7 +389,7 @@ class RgbdCamera:
     def __init__(self, h, width: int = 320, height: int = 240, depth_size=None):
         from nodeharness import sample_frame
 
-        from ovseg_ros.ros.codec import rgb_to_msg
+        from ovseg_ros.ros.encode import rgb_to_msg
 
         self.h = h
         self.rgb = rgb_to_msg(sample_frame(width, height), None)
@@ -415,7 +415,7 @@ class RgbdCamera:
 def test_node_publishes_the_aligned_cloud(harness, tiny_backbone):
     """~/points of a frame: same header as ~/labels, label / confidence equal pixel for pixel,
     x, y, z on the floor the depth shows (through the colour camera_info's K)."""
-    from ovseg_ros.ros.codec import msg_to_array
+    from ovseg_ros.ros.decode import msg_to_array
 
     h = harness(backbone=tiny_backbone, depth__enabled=True)
     camera = RgbdCamera(h)
@@ -481,7 +481,7 @@ def test_depth_of_another_resolution_and_stride(harness, tiny_backbone):
 
 def test_depth_is_off_by_default(harness, tiny_backbone):
     h = harness(backbone=tiny_backbone)
-    assert h.node.cameras[""].depth is None and h.node.cameras[""].points_pub is None
+    assert h.node.cameras[""].depth is None and h.node.cameras[""].publisher("points") is None
     names = {n for n, _ in h.node.get_topic_names_and_types()}
     assert "/ovseg/points" not in names and "/depth" not in names
 

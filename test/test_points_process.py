@@ -20,9 +20,9 @@ from sensor_msgs.msg import Image, PointCloud2
 from std_msgs.msg import Header
 from test_node_process import START_TIMEOUT, Inbox, ovseg_process, ros_client, wait
 
-from ovseg_ros.ros.codec import msg_to_array
+from ovseg_ros.ros.camera.messages import floor_depth, pinhole_camera_info
+from ovseg_ros.ros.decode import msg_to_array
 from ovseg_ros.ros.points import cloud_to_array
-from ovseg_ros.ros.sample_camera import floor_depth, pinhole_camera_info
 
 pytestmark = pytest.mark.ros
 

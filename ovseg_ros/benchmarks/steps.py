@@ -86,7 +86,7 @@ def step_breakdown(
     Segmenter._labels (labeling.label_pixels: the logits upsampled to the input and to the frame,
     the softmax over queries, background, thresholds, argmax) and Segmenter._download
     (device->host copy with the per-class statistics). Node steps (node._process): decoding the
-    rgb8 Image (codec.image_to_rgb), confidence to 8 bits (viz.confidence_u8), one mask per class
+    rgb8 Image (decode.image_to_rgb), confidence to 8 bits (viz.confidence_u8), one mask per class
     (viz.class_mask), the overlay with its legend (viz.overlay) and the output messages (labels,
     confidence, overlay, masks). The frame is a sample photo resized to `size`; each step's figure
     is the median of `repeats` frames after one untimed one.
@@ -100,7 +100,8 @@ def step_breakdown(
     rgb = photo_frames(size, 1)[0]
     notes: list[str] = []
     try:
-        from ..ros.codec import image_to_rgb, labels_to_msg, mono8_to_msg, rgb_to_msg
+        from ..ros.decode import image_to_rgb
+        from ..ros.encode import labels_to_msg, mono8_to_msg, rgb_to_msg
 
         msg = rgb_to_msg(rgb, None)
     except ImportError as exc:  # no ROS message packages: engine steps only
@@ -130,7 +131,7 @@ def step_breakdown(
     def one_frame() -> None:
         frame = rgb
         if msg is not None:
-            frame = timed("decode Image (codec.image_to_rgb)", lambda: image_to_rgb(msg))
+            frame = timed("decode Image (decode.image_to_rgb)", lambda: image_to_rgb(msg))
         patch = backbone.patch_size if cfg.mode == "whole" else 0
         image = timed(
             "to tensor + resize",

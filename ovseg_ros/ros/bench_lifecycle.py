@@ -75,7 +75,7 @@ def measure(
     from sensor_msgs.msg import Image
     from std_msgs.msg import Header
 
-    from .codec import rgb_to_msg
+    from .encode import rgb_to_msg
     from .lifecycle import SUCCESS, OvsegLifecycleNode
 
     context = Context()

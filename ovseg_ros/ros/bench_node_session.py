@@ -4,7 +4,7 @@ Used in-process by `ovseg bench --node` (bench_node.py) and, for `--against REV`
 in a worker process under another checkout's code: this file's measuring logic then drives that
 revision's node. So it imports only what every revision of the package has had (OvsegNode with
 its _cams / _slots / _worker counters, Segmenter, SegmenterConfig, parameter_fields, rgb_to_msg,
-sample_images, demo.share_dir) and no other module of the bench.
+sample_images, demo.share_dir, the rgb8 encoder) and no other module of the bench.
 
 Phases:
 * alternate(frames): per frame, the bare Segmenter.segment is timed, then the same frame goes
@@ -54,6 +54,15 @@ def bench_frames(size: tuple[int, int], count: int) -> list[np.ndarray]:
         np.ascontiguousarray(cv2.resize(photos[i % len(photos)], (width, height)))
         for i in range(count)
     ]
+
+
+def _rgb_to_msg() -> Callable[..., Any]:
+    """The encoder of rgb8 Image messages (ros/encode.py; ros/codec.py in older revisions)."""
+    try:
+        from ovseg_ros.ros.encode import rgb_to_msg
+    except ImportError:  # a revision before the codec split
+        from ovseg_ros.ros.codec import rgb_to_msg
+    return rgb_to_msg
 
 
 class NodeSession:
@@ -175,8 +184,6 @@ class NodeSession:
 
     def alternate(self, frames: int, warmup: int = 1) -> dict[str, Any]:
         """Engine, then node, frame by frame (see the module doc); samples in ms."""
-        from ovseg_ros.ros.codec import rgb_to_msg
-
         node, pubs, topics = self.node(1)
         images = bench_frames(self.size, frames + warmup)
         samples: dict[str, Any] = {"engine": [], "end_to_end": [], "outputs": {}}
@@ -185,7 +192,7 @@ class NodeSession:
             t0 = time.perf_counter()
             self.engine.segment(rgb)
             engine_ms = (time.perf_counter() - t0) * 1e3
-            msg = rgb_to_msg(rgb, None)
+            msg = _rgb_to_msg()(rgb, None)
             key = self.stamp(msg)
             pubs[0].publish(msg)
             if not self.spin_until(
@@ -216,11 +223,9 @@ class NodeSession:
 
     def stream(self, duration: float, rate: float, cameras: int = 1) -> dict[str, Any]:
         """Publish at `rate` Hz to every camera for `duration` s, let the node finish, count."""
-        from ovseg_ros.ros.codec import rgb_to_msg
-
         node, pubs, topics = self.node(cameras)
         images = bench_frames(self.size, 5)
-        messages = [[rgb_to_msg(rgb, None) for rgb in images] for _ in pubs]
+        messages = [[_rgb_to_msg()(rgb, None) for rgb in images] for _ in pubs]
         sent: list[tuple[int, int]] = []  # (camera, stamp)
         ticks = [0]
 

@@ -1,6 +1,6 @@
 """Counters and health rules behind the node's /diagnostics status (no rclpy here).
 
-Rejected frames are counted by kind (codec.ImageDecodeError.kind and the node's own kinds), a
+Rejected frames are counted by kind (decode.ImageDecodeError.kind and the node's own kinds), a
 closed set, so the counters are complete and bounded whatever arrives. The status level says what
 is true now: WARN while frames were rejected in the last WINDOW seconds, while a QoS mismatch is
 present in the ROS graph, or for a while after a requested change failed and was undone; ERROR

@@ -3,8 +3,9 @@
 The contract is the README's "The ROS 2 node" section. The node is a thin layer over the engine:
 
 * executor callbacks only store the newest message of each camera in its slot (worker.py); the
-  inference thread decodes and segments it, so a slow model never blocks the executor and
-  latency never grows with load (a replaced frame is counted as a drop);
+  frame pipeline (pipeline.py) decodes, segments and publishes in three overlapping threads,
+  several cameras of one size in one forward pass, so a slow model never blocks the executor
+  and latency never grows with load (a replaced frame is counted as a drop);
 * parameter changes are validated in the parameter callback (a rejection carries the reason);
   vocabulary and method changes are then built in a background thread (reconfigure.py) while
   frames keep flowing with the old ones, and swapped in atomically;
@@ -12,6 +13,7 @@ The contract is the README's "The ROS 2 node" section. The node is a thin layer 
   `~/vocabulary` (and `~/label_info`) with a stamp before the first output that uses it, and the
   outputs obey the pairing rule of classmap.py (an output that would break it is discarded);
 * ROS entities are created and destroyed only on the executor thread (mask topics: masks.py);
+* each output is a small class (outputs.py); the class-map announcements are node_classmap.py;
 * an output that is disabled or has no subscriber costs no compute; a camera with no subscribed
   output is not segmented at all; memory is bounded by the parameters (input.max_pixels, the
   engine's token and chunk limits), never by what arrives.
@@ -19,7 +21,6 @@ The contract is the README's "The ROS 2 node" section. The node is a thin layer 
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections.abc import Callable
@@ -35,30 +36,21 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
-from std_msgs.msg import String
+from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool
 
 from ..engine import Segmenter
 from ..engine.backbone import ModelLoadError
 from ..engine.memory import free_memory
 from ..engine.text import Vocabulary
-from ..viz import class_colors, class_mask, confidence_u8, overlay
 from . import classmap
 from . import diagnostics as D
 from . import params as P
-from .codec import (
-    ImageDecodeError,
-    compressed_to_rgb,
-    cv_bridge_available,
-    header_copy,
-    image_to_rgb,
-    labels_to_msg,
-    mono8_to_msg,
-    rgb_to_msg,
-)
+from .decode import ImageDecodeError, cv_bridge_available, image_to_rgb
+from .decode_compressed import compressed_to_rgb
 from .depth import DepthInput, DepthPairing
-from .masks import MaskTopics, mask_slugs
+from .masks import MaskTopics
+from .node_classmap import ClassMapPublishing, label_info_msg
 from .node_health import HealthReporting
 from .node_inputs import Camera, InputHandling, choose_reliability
 from .node_params import (
@@ -68,8 +60,18 @@ from .node_params import (
     ParameterHandling,
     StartupError,
 )
+from .outputs import (
+    IMAGE_OUTPUTS,
+    CameraInfoOutput,
+    MasksOutput,
+    Output,
+    PointsOutput,
+    SegmentedFrame,
+    scaled_camera_info,
+)
+from .pipeline import Decoded, FramePipeline
 from .reconfigure import Reconfigurer
-from .worker import Frame, InferenceWorker, LatestFrameSlots
+from .worker import Frame, LatestFrameSlots
 
 __all__ = [
     "EXIT_BAD_PARAMETERS",
@@ -83,64 +85,16 @@ __all__ = [
     "scaled_camera_info",
 ]
 
-try:  # vision_msgs is optional (not available as a wheel); LabelInfo is published when present
-    from vision_msgs.msg import LabelInfo, VisionClass
-except ImportError:  # pragma: no cover - depends on the installation
-    LabelInfo = None
-    VisionClass = None
-
 #: The name of the single camera when `cameras` is empty.
 DEFAULT_CAMERA = ""
-#: Seconds a new class map waits for its subscribers' acknowledgements before it is used.
-ACK_SECONDS = 1.0
 #: Seconds a cleanup waits for a vocabulary build in progress to stop at its next batch.
 JOIN_SECONDS = 3.0
-
-
-# --- small pure helpers (tested without ROS) -------------------------------------------------
-
-
-def vocabulary_dict(vocab: Vocabulary) -> dict[str, Any]:
-    """The class map of `vocab` with each class's overlay colour."""
-    return vocab.to_dict(class_colors(max(vocab.num_classes, 1)))
-
-
-def scaled_camera_info(info: CameraInfo, width: int, height: int) -> CameraInfo:
-    """A copy of `info` for outputs of width x height (input.oversize downscale shrinks them).
-
-    The intrinsics are scaled about pixel centres (x' = (x + 0.5) * s - 0.5); the distortion
-    coefficients do not depend on the resolution. An info without a size is copied as it is.
-    """
-    out = copy.deepcopy(info)
-    if not info.width or not info.height or (info.width, info.height) == (width, height):
-        return out
-    sx, sy = width / info.width, height / info.height
-    out.width, out.height = width, height
-    k = list(info.k)
-    k[0], k[2] = k[0] * sx, (k[2] + 0.5) * sx - 0.5
-    k[4], k[5] = k[4] * sy, (k[5] + 0.5) * sy - 0.5
-    out.k = k
-    p = list(info.p)
-    p[0], p[2], p[3] = p[0] * sx, (p[2] + 0.5) * sx - 0.5, p[3] * sx
-    p[5], p[6] = p[5] * sy, (p[6] + 0.5) * sy - 0.5
-    out.p = p
-    return out
-
-
-def label_info_msg(vocab: Vocabulary, stamp: int, frame_id: str, threshold: float) -> Any:
-    """vision_msgs/LabelInfo of a class map (only called when vision_msgs is importable)."""
-    msg = LabelInfo()
-    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
-    msg.header.frame_id = frame_id
-    msg.class_map = [VisionClass(class_id=c.id, class_name=c.name) for c in vocab.classes]
-    msg.threshold = float(threshold)
-    return msg
 
 
 # --- the node ----------------------------------------------------------------------------------
 
 
-class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
+class OvsegNode(ParameterHandling, InputHandling, HealthReporting, ClassMapPublishing, Node):
     """Open-vocabulary segmentation node (see the module docstring and the README)."""
 
     #: True for the managed (lifecycle) node: the constructor only declares the parameters and the
@@ -235,31 +189,21 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
             durability=DurabilityPolicy.TRANSIENT_LOCAL,
             history=HistoryPolicy.KEEP_LAST,
         )
-        self._vocab_pub = self._make_publisher(
-            String, "~/vocabulary", latched, **self._publisher_events("~/vocabulary")
-        )
-        self._label_info_pub = (
-            self._make_publisher(
-                LabelInfo, "~/label_info", latched, **self._publisher_events("~/label_info")
-            )
-            if LabelInfo is not None
-            else None
-        )
+        self._make_classmap_publishers(latched)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
         names = options.cameras or [DEFAULT_CAMERA]
         self._cams: dict[str, Camera] = {n: Camera(n) for n in names}
-        for cam in self._cams.values():
-            cam.labels_pub = self._output(cam, Image, "labels")
-            cam.confidence_pub = self._output(cam, Image, "confidence")
-            cam.overlay_pub = self._output(cam, Image, "overlay")
-            cam.info_pub = self._output(cam, CameraInfo, "camera_info")
-            if options.depth_enabled:
-                cam.depth = DepthInput()
-                cam.points_pub = self._output(cam, PointCloud2, "points")
         self._masks = MaskTopics(
             list(self._cams), self._create_mask_pub, self._drop_publisher, self._mask_subscribed
         )
+        for cam in self._cams.values():
+            cam.outputs = [output(self._output(cam, output)) for output in IMAGE_OUTPUTS]
+            cam.outputs.append(MasksOutput(self._masks, lambda vocab: self._slug_map(vocab)[1]))
+            cam.outputs.append(CameraInfoOutput(self._output(cam, CameraInfoOutput)))
+            if options.depth_enabled:
+                cam.depth = DepthInput()
+                cam.outputs.append(PointsOutput(self._output(cam, PointsOutput), self._warn))
         self._mask_gc = self.create_guard_condition(self._sync_masks)
         self._reconfigurer = Reconfigurer(self._on_reconfigure_error)
         self._param_callback = self._on_set_parameters
@@ -272,7 +216,13 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
             self._announced = None  # (again, after a deactivation: the publishers were off)
             self._announce(self.segmenter.vocabulary)
         self._slots = LatestFrameSlots(list(self._cams))
-        self._worker = InferenceWorker(self._slots, self._process, self._options.max_rate_hz)
+        self._worker = FramePipeline(
+            self._slots,
+            self._decode_frame,
+            self._segment_frames,
+            self._publish_frame,
+            self._options.max_rate_hz,
+        )
         self._worker.set_enabled(self._options.enabled)
         for cam in self._cams.values():
             self._subscribe(cam)
@@ -338,8 +288,8 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
             pubs.append(getattr(self, name, None))
             setattr(self, name, None)
         for cam in getattr(self, "_cams", {}).values():
-            pubs += [cam.labels_pub, cam.confidence_pub, cam.overlay_pub, cam.info_pub]
-            pubs.append(cam.points_pub)
+            pubs += [out.publisher for out in cam.outputs if isinstance(out, Output)]
+            cam.outputs = []
         for pub in pubs:
             if pub is not None:
                 self._drop_publisher(pub)
@@ -374,10 +324,16 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
 
     # --- outputs -------------------------------------------------------------------------------
 
-    def _output(self, cam: Camera, msg_type: Any, leaf: str) -> Any:
+    def _output(self, cam: Camera, output: type[Output]) -> Any:
         """A publisher for one of the camera's outputs, with the output QoS."""
-        topic = cam.out(leaf)
-        return self._make_publisher(msg_type, topic, self._qos_out, **self._publisher_events(topic))
+        topic = cam.out(output.leaf)
+        return self._make_publisher(
+            output.msg_type, topic, self._qos_out, **self._publisher_events(topic)
+        )
+
+    def _warn(self, text: str) -> None:
+        """A warning from the publish thread, at most every 10 s."""
+        self._logger.warning(text, throttle_duration_sec=10.0)
 
     def _create_mask_pub(self, camera: str, slug: str) -> Any:
         """A mask publisher; no QoS event handlers, so the executor never waits on it."""
@@ -408,71 +364,6 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
         if self._masks.sync():
             self._mask_gc.trigger()  # more to do: continue after the callbacks waiting now
 
-    def _slug_map(self, vocab: Vocabulary) -> tuple[list[str], dict[str, int]]:
-        """Mask slugs of a class map and slug -> class id (cached for the last versions)."""
-        cached = self._slugs.get(vocab.version)
-        if cached is None:
-            slugs = mask_slugs(vocab.names)
-            cached = (slugs, {s: i for i, s in enumerate(slugs)})
-            self._slugs = {v: c for v, c in self._slugs.items() if v >= vocab.version - 1} | {
-                vocab.version: cached
-            }
-        return cached
-
-    def _set_mask_classes(self, vocab: Vocabulary) -> None:
-        slugs, _ = self._slug_map(vocab)
-        opts = self._options
-        self._masks.set_classes(slugs, opts.masks_advertised, opts.publish_masks)
-        self._mask_gc.trigger()
-
-    def _announce(self, vocab: Vocabulary) -> None:
-        """Publish the class map of `vocab` with its stamp, once a version (under _out_lock)."""
-        if self._announced is not None and vocab.version <= self._announced.version:
-            return
-        announcement = self._stamps.announce(vocab.version)
-        self._announced = vocab
-        self._set_mask_classes(vocab)
-        self._publish_classmap(vocab, announcement.stamp)
-
-    def _wait_for_delivery(self) -> None:
-        """Wait until every subscriber of the class-map topics has the last one (bounded)."""
-        from rclpy.duration import Duration
-
-        deadline = time.monotonic() + ACK_SECONDS
-        for pub in (self._vocab_pub, self._label_info_pub):
-            left = deadline - time.monotonic()
-            if pub is None or left <= 0:
-                continue
-            try:
-                if not pub.wait_for_all_acked(Duration(nanoseconds=int(left * 1e9))):
-                    self._logger.warning(
-                        f"{pub.topic_name}: not every subscriber acknowledged the class map "
-                        f"within {ACK_SECONDS:g} s; using it anyway",
-                        throttle_duration_sec=30.0,
-                    )
-            except Exception:  # noqa: BLE001 - an rmw without the call: nothing to wait for
-                return
-
-    def _publish_classmap(self, vocab: Vocabulary, stamp: int) -> None:
-        slugs, _ = self._slug_map(vocab)
-        self._vocab_pub.publish(
-            String(data=classmap.classmap_json(vocabulary_dict(vocab), stamp, slugs))
-        )
-        self._publish_label_info(vocab, stamp)
-
-    def _publish_label_info(self, vocab: Vocabulary, stamp: int) -> None:
-        if self._label_info_pub is not None:
-            msg = label_info_msg(
-                vocab, stamp, self._label_info_frame, self.segmenter.config.prob_threshold
-            )
-            self._label_info_pub.publish(msg)
-
-    def _republish_label_info(self) -> None:
-        """prob_threshold changed: LabelInfo.threshold follows (same class map, same stamp)."""
-        with self._out_lock:
-            if self._announced is not None and self._stamps.current is not None:
-                self._publish_label_info(self._announced, self._stamps.current.stamp)
-
     def _decode(self, cam: Camera, frame: Frame) -> Any:
         """The frame as RGB, or None when it is rejected (counted by kind, logged per kind)."""
         opts = self._options
@@ -497,89 +388,51 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
                 )
             return None
 
-    def _process(self, frame: Frame) -> None:
-        """Worker thread: decode, segment, publish the outputs that someone listens to."""
+    # --- the frame pipeline (pipeline.py: three threads) ---------------------------------------
+
+    def _decode_frame(self, frame: Frame) -> Decoded | None:
+        """Decode thread: the frame as RGB with the outputs wanted, or None when there is no work.
+
+        A camera none of whose outputs has a subscriber is not decoded or segmented at all.
+        """
         cam = self._cams[frame.camera]
         opts = self._options
-        want_labels = opts.publish_labels and cam.labels_pub.get_subscription_count() > 0
-        want_conf = opts.publish_confidence and cam.confidence_pub.get_subscription_count() > 0
-        want_overlay = opts.publish_overlay and cam.overlay_pub.get_subscription_count() > 0
-        want_masks = opts.publish_masks and self._masks.listened(cam.name)
-        want_info = cam.camera_info is not None and cam.info_pub.get_subscription_count() > 0
-        want_points = cam.depth is not None and cam.points_pub.get_subscription_count() > 0
-        wanted = (want_labels, want_conf, want_overlay, want_masks, want_info, want_points)
-        if not any(wanted):
+        wanted = [out for out in cam.outputs if out.wanted(cam, opts)]
+        if not wanted:
             cam.stats.skipped_idle += 1
-            return
-        if want_points:
+            return None
+        if cam.depth is not None and any(isinstance(out, PointsOutput) for out in wanted):
             cam.depth.hold(frame.header)  # its depth partner may still be on its way
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         rgb = self._decode(cam, frame)
         if rgb is None:
-            return
-        result = self.segmenter.segment(rgb)
-        vocab = result.vocabulary
+            return None
+        return Decoded(frame, rgb, wanted, started)
+
+    def _segment_frames(self, images: list[Any]) -> list[Any]:
+        """Inference thread: one forward pass for the waiting frames of one size (cameras)."""
+        if len(images) == 1:
+            return [self.segmenter.segment(images[0])]
+        return self.segmenter.segment_batch(images)
+
+    def _publish_frame(self, item: Decoded, result: Any) -> None:
+        """Publish thread: the frame's wanted outputs, under the class-map rule."""
         if not self.context.ok():
             return  # shutting down (e.g. the node was embedded and its context shut down)
-        header = frame.header
+        cam = self._cams[item.camera]
+        header = item.frame.header
+        frame = SegmentedFrame(cam, header, item.image, result, self._options)
         with self._out_lock:
-            if self._announced is None or vocab.version > self._announced.version:
-                self._announce(vocab)
-            outcome, again = self._stamps.admit(vocab.version, classmap.stamp_ns(header))
-            if outcome == classmap.OLDER_MAP:
-                cam.stats.older_map += 1
+            if not self._admit(cam, result.vocabulary, header):
                 return
-            if outcome == classmap.BEFORE_MAP:
-                cam.stats.before_map += 1
-                return
-            if again is not None:
-                self._logger.warning(
-                    f"{cam.label}: input stamps jumped back in time; class map "
-                    f"v{vocab.version} announced again from the new stamp"
-                )
-                self._publish_classmap(vocab, again.stamp)
-            if header.frame_id and not self._label_info_frame:
-                # The first camera frame_id seen: LabelInfo carries one (with several cameras,
-                # the first camera's), republished once rather than flipping between cameras.
-                self._label_info_frame = header.frame_id
-                self._publish_label_info(vocab, self._stamps.current.stamp)
-            if want_labels:
-                cam.labels_pub.publish(labels_to_msg(result.labels, header))
-            conf8 = confidence_u8(result.confidence) if want_conf or want_points else None
-            if want_conf:
-                cam.confidence_pub.publish(mono8_to_msg(conf8, header))
-            if want_overlay:
-                colors = class_colors(max(vocab.num_classes, 1))
-                image = overlay(rgb, result.labels, colors, opts.overlay_alpha, vocab.names)
-                cam.overlay_pub.publish(rgb_to_msg(image, header))
-            if opts.publish_masks:
-                _, ids = self._slug_map(vocab)
-                targets = self._masks.targets(cam.name, ids)
-                masks = [
-                    (pub, mono8_to_msg(class_mask(result.labels, cid), header))
-                    for cid, pub in targets
-                ]
-                self._masks.publish(cam.name, masks)
-            if want_info:
-                info = scaled_camera_info(cam.camera_info, rgb.shape[1], rgb.shape[0])
-                info.header = header_copy(header)
-                cam.info_pub.publish(info)
-            if want_points:  # the same labels, confidence and header as the images above
-                cloud = cam.depth.cloud(
-                    header, result.labels, conf8, vocab.num_classes, cam.camera_info, opts
-                )
-                if cloud is not None:
-                    cam.points_pub.publish(cloud)
-                else:
-                    self._logger.warning(
-                        f"{cam.label}: no ~/points for this frame: {cam.depth.problem}",
-                        throttle_duration_sec=10.0,
-                    )
+            for output in cam.outputs:  # masks are published when enabled, even unwanted now
+                if output in item.context or isinstance(output, MasksOutput):
+                    output.publish(frame)
         cam.stats.published += 1
         now = self.get_clock().now().nanoseconds * 1e-9
         stamp = classmap.stamp_ns(header) * 1e-9
-        latency = (now - stamp) if stamp > 0 else (time.monotonic() - frame.received)
-        self._window.add(latency * 1e3, (time.perf_counter() - t0) * 1e3)
+        latency = (now - stamp) if stamp > 0 else (time.monotonic() - item.frame.received)
+        self._window.add(latency * 1e3, (time.perf_counter() - item.started) * 1e3)
 
     # --- diagnostics ---------------------------------------------------------------------------
 
@@ -592,8 +445,8 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, Node):
     # --- lifecycle -----------------------------------------------------------------------------
 
     @property
-    def worker(self) -> InferenceWorker:
-        """The inference thread (tests and benchmarks look at its counters)."""
+    def worker(self) -> FramePipeline:
+        """The frame pipeline (tests and benchmarks look at its counters)."""
         return self._worker
 
     @property

@@ -13,7 +13,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.qos import DurabilityPolicy, ReliabilityPolicy
 
 from . import diagnostics as D
-from .codec import REJECTION_KINDS
+from .decode import REJECTION_KINDS
 
 
 class HealthReporting:
@@ -38,7 +38,8 @@ class HealthReporting:
                 )
                 if why:
                     problems.append(f"{topic}: publisher {info.node_name} ({why})")
-            for pub in (cam.labels_pub, cam.confidence_pub, cam.overlay_pub, cam.info_pub):
+            for leaf in ("labels", "confidence", "overlay", "camera_info"):
+                pub = cam.publisher(leaf)
                 if pub is None:
                     continue
                 for info in self.get_subscriptions_info_by_topic(pub.topic_name):

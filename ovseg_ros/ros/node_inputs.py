@@ -52,14 +52,17 @@ class Camera:
         self.info_sub = None
         self.reliability: ReliabilityPolicy | None = None
         self.camera_info: CameraInfo | None = None
-        self.labels_pub = None
-        self.confidence_pub = None
-        self.overlay_pub = None
-        self.info_pub = None
+        self.outputs: list[Any] = []  # outputs.Output (and MasksOutput) in publishing order
         self.depth: DepthInput | None = None  # with depth.enabled: pairing, cloud, counters
         self.depth_sub = None
         self.depth_info_sub = None
-        self.points_pub = None
+
+    def publisher(self, leaf: str) -> Any:
+        """The publisher of the output with that topic leaf ("labels"...), None if absent."""
+        for output in self.outputs:
+            if getattr(output, "leaf", None) == leaf:
+                return output.publisher
+        return None
 
     def out(self, leaf: str) -> str:
         """Private output topic of this camera (e.g. ~/front/labels)."""

@@ -29,7 +29,7 @@ import numpy as np
 from sensor_msgs.msg import PointCloud2, PointField
 
 from ..viz import class_colors
-from .codec import header_copy
+from .encode import header_copy
 
 #: Bytes per point (x, y, z, rgb: 4 floats; label uint16; confidence uint8; one pad byte).
 POINT_STEP = 20

@@ -1,7 +1,7 @@
-"""Per-camera latest-frame slots and the inference thread that serves them fairly.
+"""Per-camera latest-frame slots, served in turn (the threads that take from them: pipeline.py).
 
-Nothing here imports rclpy: the node hands frames in from its subscription callbacks and gets
-results back through a callback, so the scheduling logic is tested without ROS.
+Nothing here imports rclpy: the node hands frames in from its subscription callbacks, so the
+scheduling logic is tested without ROS.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,80 +104,3 @@ class LatestFrameSlots:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-
-
-class InferenceWorker:
-    """A thread that takes frames from the slots and runs `process` on each, at most max_rate."""
-
-    def __init__(
-        self, slots: LatestFrameSlots, process: Callable[[Frame], None], max_rate_hz: float = 0.0
-    ) -> None:
-        """process(frame) runs in the worker thread; its exceptions are logged and counted."""
-        self.slots = slots
-        self.process = process
-        self.max_rate_hz = max_rate_hz
-        self._enabled = threading.Event()
-        self._enabled.set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._last_start = 0.0
-        self.busy = threading.Event()  # set while a frame is being processed
-
-    @property
-    def enabled(self) -> bool:
-        """Whether frames are being taken."""
-        return self._enabled.is_set()
-
-    def set_enabled(self, enabled: bool) -> None:
-        """Pause (waiting frames are dropped) or resume taking frames."""
-        if enabled:
-            self._enabled.set()
-        else:
-            self._enabled.clear()
-            self.slots.clear()
-
-    def start(self) -> None:
-        """Start the thread (once)."""
-        if self._thread is not None:
-            raise RuntimeError("worker already started")
-        self._thread = threading.Thread(target=self._run, name="ovseg-inference", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Ask the thread to end after the frame in hand; True if it ended within timeout."""
-        self._stop.set()
-        self.slots.close()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _throttle(self) -> None:
-        """Sleep so consecutive frames start at least 1/max_rate_hz apart."""
-        if self.max_rate_hz > 0:
-            wait = self._last_start + 1.0 / self.max_rate_hz - time.monotonic()
-            if wait > 0:
-                self._stop.wait(wait)
-
-    def _run(self) -> None:
-        """Worker loop: wait for a frame, process it, repeat until stopped."""
-        while not self._stop.is_set():
-            if not self._enabled.wait(0.1):
-                continue
-            self._throttle()
-            frame = self.slots.take(timeout=0.1)
-            if frame is None or self._stop.is_set():
-                continue
-            if not self._enabled.is_set():
-                self.slots.stats[frame.camera].dropped += 1
-                continue
-            self._last_start = time.monotonic()
-            self.busy.set()
-            try:
-                self.process(frame)
-                self.slots.stats[frame.camera].processed += 1
-            except Exception:  # noqa: BLE001 - one bad frame must never end the worker
-                self.slots.stats[frame.camera].failed += 1
-                log.exception("processing a frame of camera %r failed", frame.camera)
-            finally:
-                self.busy.clear()
