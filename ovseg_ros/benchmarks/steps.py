@@ -85,11 +85,11 @@ def step_breakdown(
     method.logits on the whole input or every crop (inference.dense_maps: the ViT), then
     Segmenter._labels (labeling.label_pixels: the logits upsampled to the input and to the frame,
     the softmax over queries, background, thresholds, argmax) and Segmenter._download
-    (device->host copy with the per-class statistics). Node steps (node._process): decoding the
-    rgb8 Image (decode.image_to_rgb), confidence to 8 bits (viz.confidence_u8), one mask per class
-    (viz.class_mask), the overlay with its legend (viz.overlay) and the output messages (labels,
-    confidence, overlay, masks). The frame is a sample photo resized to `size`; each step's figure
-    is the median of `repeats` frames after one untimed one.
+    (device->host copy with the per-class statistics). Node steps (pipeline.py, outputs.py):
+    decoding the rgb8 Image (decode.image_to_rgb), confidence to 8 bits (viz.confidence_u8), one
+    mask per class (viz.class_mask), the overlay with its legend (viz.overlay) and the output
+    messages (labels, confidence, overlay, masks). The frame is a sample photo resized to `size`;
+    each step's figure is the median of `repeats` frames after one untimed one.
     """
     from .. import viz
 

@@ -3,9 +3,9 @@
 The contract is the README's "The ROS 2 node" section. The node is a thin layer over the engine:
 
 * executor callbacks only store the newest message of each camera in its slot (worker.py); the
-  frame pipeline (pipeline.py) decodes, segments and publishes in three overlapping threads,
-  several cameras of one size in one forward pass, so a slow model never blocks the executor
-  and latency never grows with load (a replaced frame is counted as a drop);
+  frame pipeline (pipeline.py) decodes, segments and publishes in three overlapping threads
+  (on a GPU, several cameras of one size in one forward pass), so a slow model never blocks the
+  executor and latency never grows with load (a replaced frame is counted as a drop);
 * parameter changes are validated in the parameter callback (a rejection carries the reason);
   vocabulary and method changes are then built in a background thread (reconfigure.py) while
   frames keep flowing with the old ones, and swapped in atomically;
@@ -222,6 +222,9 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, ClassMapPubli
             self._segment_frames,
             self._publish_frame,
             self._options.max_rate_hz,
+            # On the CPU a batch of n frames costs n frames' time: batching would only add
+            # latency (measured: two cameras 1.05x one camera's rate, p50 latency 1.75x).
+            batch=self.segmenter.backbone.device.type == "cuda",
         )
         self._worker.set_enabled(self._options.enabled)
         for cam in self._cams.values():
