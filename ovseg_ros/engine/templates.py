@@ -98,10 +98,33 @@ SEVEN: tuple[str, ...] = (
 
 SINGLE: tuple[str, ...] = ("a photo of a {}.",)
 
+#: CLIP-RC's text embeddings (its notebook get_embedding.ipynb): VOC one template without a
+#: full stop, COCO-Stuff these 15. Used by the cliprc method only (not a templates setting).
+CLIPRC_SINGLE: tuple[str, ...] = ("a photo of a {}",)
+CLIPRC_MULTI: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "a {} in the scene.",
+    "a photo of a {} in the scene.",
+    "There is a {} in the scene.",
+    "There is the {} in the scene.",
+    "This is a {} in the scene.",
+    "This is the {} in the scene.",
+    "This is one {} in the scene.",
+)
+
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "imagenet80": IMAGENET80,
     "seven": SEVEN,
     "single": SINGLE,
+    "cliprc_single": CLIPRC_SINGLE,
+    "cliprc_multi": CLIPRC_MULTI,
 }
 
 

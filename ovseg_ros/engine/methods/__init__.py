@@ -2,6 +2,7 @@
 
 from . import (
     cliper,  # noqa: F401 - registers CLIPer
+    cliprc,  # noqa: F401 - registers CLIP-RC
     cliptrase,  # noqa: F401 - registers CLIPtrase
     last_block,  # noqa: F401 - registers the last-block methods
     pearl,  # noqa: F401 - registers PEARL
