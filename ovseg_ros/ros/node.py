@@ -36,7 +36,7 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import Image
 from std_srvs.srv import SetBool
 
 from ..engine import Segmenter
@@ -46,11 +46,11 @@ from ..engine.text import Vocabulary
 from . import classmap
 from . import diagnostics as D
 from . import params as P
-from .decode import ImageDecodeError, cv_bridge_available, image_to_rgb
-from .decode_compressed import compressed_to_rgb
+from .decode import cv_bridge_available
 from .depth import DepthInput, DepthPairing
 from .masks import MaskTopics
 from .node_classmap import ClassMapPublishing, label_info_msg
+from .node_frames import FrameStages
 from .node_health import HealthReporting
 from .node_inputs import Camera, InputHandling, choose_reliability
 from .node_params import (
@@ -66,12 +66,11 @@ from .outputs import (
     MasksOutput,
     Output,
     PointsOutput,
-    SegmentedFrame,
     scaled_camera_info,
 )
-from .pipeline import Decoded, FramePipeline
+from .pipeline import FramePipeline
 from .reconfigure import Reconfigurer
-from .worker import Frame, LatestFrameSlots
+from .worker import LatestFrameSlots
 
 __all__ = [
     "EXIT_BAD_PARAMETERS",
@@ -94,7 +93,9 @@ JOIN_SECONDS = 3.0
 # --- the node ----------------------------------------------------------------------------------
 
 
-class OvsegNode(ParameterHandling, InputHandling, HealthReporting, ClassMapPublishing, Node):
+class OvsegNode(
+    FrameStages, ParameterHandling, InputHandling, HealthReporting, ClassMapPublishing, Node
+):
     """Open-vocabulary segmentation node (see the module docstring and the README)."""
 
     #: True for the managed (lifecycle) node: the constructor only declares the parameters and the
@@ -366,76 +367,6 @@ class OvsegNode(ParameterHandling, InputHandling, HealthReporting, ClassMapPubli
         """Executor callback (guard condition): bring the mask publishers in step."""
         if self._masks.sync():
             self._mask_gc.trigger()  # more to do: continue after the callbacks waiting now
-
-    def _decode(self, cam: Camera, frame: Frame) -> Any:
-        """The frame as RGB, or None when it is rejected (counted by kind, logged per kind)."""
-        opts = self._options
-        try:
-            if isinstance(frame.image, CompressedImage):
-                return compressed_to_rgb(
-                    frame.image, max_pixels=opts.max_pixels, oversize=opts.oversize
-                )
-            return image_to_rgb(
-                frame.image,
-                use_cv_bridge=self._use_cv_bridge,
-                max_pixels=opts.max_pixels,
-                oversize=opts.oversize,
-            )
-        except ImageDecodeError as exc:
-            reason = str(exc)
-            if cam.stats.reject(exc.kind, reason):
-                self._logger.error(
-                    f"{cam.label}: frame rejected ({exc.kind}): {D.shorten(reason)} (the next "
-                    f"'{exc.kind}' rejections are counted in /diagnostics, logged every "
-                    f"{D.REJECT_LOG_PERIOD:.0f} s)"
-                )
-            return None
-
-    # --- the frame pipeline (pipeline.py: three threads) ---------------------------------------
-
-    def _decode_frame(self, frame: Frame) -> Decoded | None:
-        """Decode thread: the frame as RGB with the outputs wanted, or None when there is no work.
-
-        A camera none of whose outputs has a subscriber is not decoded or segmented at all.
-        """
-        cam = self._cams[frame.camera]
-        opts = self._options
-        wanted = [out for out in cam.outputs if out.wanted(cam, opts)]
-        if not wanted:
-            cam.stats.skipped_idle += 1
-            return None
-        if cam.depth is not None and any(isinstance(out, PointsOutput) for out in wanted):
-            cam.depth.hold(frame.header)  # its depth partner may still be on its way
-        started = time.perf_counter()
-        rgb = self._decode(cam, frame)
-        if rgb is None:
-            return None
-        return Decoded(frame, rgb, wanted, started)
-
-    def _segment_frames(self, images: list[Any]) -> list[Any]:
-        """Inference thread: one forward pass for the waiting frames of one size (cameras)."""
-        if len(images) == 1:
-            return [self.segmenter.segment(images[0])]
-        return self.segmenter.segment_batch(images)
-
-    def _publish_frame(self, item: Decoded, result: Any) -> None:
-        """Publish thread: the frame's wanted outputs, under the class-map rule."""
-        if not self.context.ok():
-            return  # shutting down (e.g. the node was embedded and its context shut down)
-        cam = self._cams[item.camera]
-        header = item.frame.header
-        frame = SegmentedFrame(cam, header, item.image, result, self._options)
-        with self._out_lock:
-            if not self._admit(cam, result.vocabulary, header):
-                return
-            for output in cam.outputs:  # masks are published when enabled, even unwanted now
-                if output in item.context or isinstance(output, MasksOutput):
-                    output.publish(frame)
-        cam.stats.published += 1
-        now = self.get_clock().now().nanoseconds * 1e-9
-        stamp = classmap.stamp_ns(header) * 1e-9
-        latency = (now - stamp) if stamp > 0 else (time.monotonic() - item.frame.received)
-        self._window.add(latency * 1e3, (time.perf_counter() - item.started) * 1e3)
 
     # --- diagnostics ---------------------------------------------------------------------------
 
