@@ -40,9 +40,14 @@ def test_node_bench_reports_engine_and_node_latency(tiny_backbone, monkeypatch):
         stats = result["node_per_output_ms"][name]
         assert 0 < stats["p50"] <= result["node_end_to_end_ms"]["p95"] + 1e-6
     assert result["overhead_ratio_p50"] > 0
+    assert result["overlay_ms"]["p50"] > 0
+    assert result["overhead_besides_overlay_ms_p50"] == pytest.approx(
+        result["overhead_ms_p50"] - result["overlay_ms"]["p50"]
+    )
     assert result["stream"] is None  # no streaming phase asked for
     table = format_node_bench(result)
     assert "Node overhead over the engine: x" in table and "~/overlay" in table
+    assert "Of that, the overlay with its legend" in table
 
 
 def test_node_stream_reports_rates_and_drops_that_add_up(tiny_backbone, monkeypatch, tmp_path):
