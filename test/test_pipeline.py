@@ -246,28 +246,56 @@ def test_batching_off_serves_cameras_one_at_a_time_in_turn():
     assert [c for c, _ in p.published] == ["a", "b", "a"]
 
 
-def test_a_newer_frame_replaces_a_decoded_one_inference_did_not_take():
+def test_inference_takes_a_newer_frame_over_the_one_decoded_ahead():
     release = threading.Event()
-    seen = []
+    seen, decoded = [], []
+
+    def decode(f):
+        decoded.append(f.header)
+        return Decoded(f, f.image)
 
     def segment(images):
         release.wait(5)
         seen.append(int(images[0].flat[0]))
         return segment_each(images)
 
-    with Pipe(segment=segment) as p:
+    with Pipe(decode=decode, segment=segment) as p:
         p.put(frame("cam", 0))
         assert p.wait(lambda: p.pipeline._decoded["cam"] is None and p.pipeline.busy.is_set())
-        for i in (1, 2, 3):
+        p.put(frame("cam", 1))  # decoded ahead: the slot was empty
+        assert p.wait(lambda: (d := p.pipeline._decoded["cam"]) is not None and d.frame.header == 1)
+        for i in (2, 3):  # wait raw, the decoded slot being full
             p.put(frame("cam", i))
-            assert p.wait(
-                lambda i=i: (d := p.pipeline._decoded["cam"]) is not None and d.frame.header == i
-            )
+        time.sleep(0.1)
+        assert decoded == [0, 1]
         release.set()
         assert p.wait(lambda: len(seen) == 2 and p.pipeline.idle())
     assert seen == [0, 3]  # inference starts on the newest frame
+    assert decoded == [0, 1, 3]  # frame 2 was replaced raw, never decoded
     s = p.stats()
     assert (s.received, s.processed, s.dropped) == (4, 2, 2)
+
+
+def test_a_camera_faster_than_the_model_costs_at_most_two_decodes_per_pass():
+    decodes, passes = [], []
+
+    def decode(f):
+        decodes.append(f.header)
+        return Decoded(f, f.image)
+
+    def segment(images):
+        passes.append(int(images[0].flat[0]))
+        time.sleep(0.05)  # a slow model
+        return segment_each(images)
+
+    with Pipe(decode=decode, segment=segment) as p:
+        for i in range(60):  # 200 Hz, ten frames per pass
+            p.put(frame("cam", i))
+            time.sleep(0.005)
+        assert p.wait(p.pipeline.idle)
+    assert len(decodes) <= 2 * len(passes) + 2
+    s = p.stats()
+    assert s.processed + s.dropped == s.received == 60
 
 
 def test_pause_drops_raw_and_decoded_frames_and_resume_continues():

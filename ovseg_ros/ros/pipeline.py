@@ -3,11 +3,14 @@
 Nothing here imports rclpy: the node hands raw frames to the per-camera latest-frame slots
 (worker.py) from its subscription callbacks and gives the pipeline three callables:
 
-* decode(frame) -> Decoded | None runs in the decode thread as soon as a frame arrives, so the
-  next frame is ready (decoded, checked, resized) while the current one is being segmented.
-  Each camera has one decoded slot; a newer frame replaces a decoded one that inference has not
-  taken (counted as a drop, like a replaced raw frame), so inference always starts on the newest
-  frame and latency never grows. None means the frame needs no work (rejected, nobody listens).
+* decode(frame) -> Decoded | None runs in the decode thread as soon as a frame arrives while the
+  camera's decoded slot (one frame) is empty, so the next frame is ready (decoded, checked,
+  resized) while the current one is being segmented. None means the frame needs no work
+  (rejected, nobody listens). When inference takes a decoded frame and a newer one has arrived
+  meanwhile (a model slower than the camera), it takes the newer one and decodes it itself: the
+  decoded one is dropped like a replaced raw frame. So inference always starts on the newest
+  frame, latency never grows, and decoding costs at most two decodes per inference, never one
+  per camera frame (a JPEG stream far faster than a CPU model would otherwise burn a core).
 * segment(images) -> results runs in the inference thread on the waiting frames: the camera
   whose turn it is, plus (with batching) every other camera's waiting frame of the same size, so
   several cameras cost one forward pass. Cameras are served in turn.
@@ -165,7 +168,7 @@ class FramePipeline:
         while not self._stop.is_set():
             if not self._enabled.wait(0.1):
                 continue
-            frame = self.slots.take(timeout=0.1)
+            frame = self.slots.take(timeout=0.1, skip=self._holds_decoded)
             if frame is None:
                 continue
             self._hold()
@@ -190,6 +193,30 @@ class FramePipeline:
                     self._release(1)
                 self._decoded[frame.camera] = item
                 self._cond.notify_all()
+
+    def _holds_decoded(self, camera: str) -> bool:
+        """Whether the camera's decoded slot is full (the decode thread waits for it)."""
+        return self._decoded[camera] is not None
+
+    def _freshest(self, item: Decoded) -> Decoded | None:
+        """The decoded frame, or the camera's newer raw frame decoded here (None: no work)."""
+        newer = self.slots.take_camera(item.camera)
+        if newer is None:
+            return item
+        self._hold()
+        self._count(item.camera, "dropped")  # replaced by a newer frame before inference
+        self._release(1)
+        try:
+            fresh = self._decode(newer)
+        except Exception:  # noqa: BLE001
+            self._count(newer.camera, "failed")
+            self._release(1)
+            log.exception("decoding a frame of camera %r failed", newer.camera)
+            return None
+        if fresh is None:
+            self._count(newer.camera, "processed")
+            self._release(1)
+        return fresh
 
     def _throttle(self) -> None:
         """Sleep so consecutive passes start at least 1/max_rate_hz apart."""
@@ -241,7 +268,11 @@ class FramePipeline:
             if not self._enabled.wait(0.1):
                 continue
             self._throttle()
-            batch = self._take_batch(timeout=0.1)
+            taken = self._take_batch(timeout=0.1)
+            if not taken:
+                continue
+            self.slots.wake()  # the decode thread may fill the emptied decoded slots
+            batch = [fresh for item in taken if (fresh := self._freshest(item)) is not None]
             if not batch:
                 continue
             self._last_start = time.monotonic()

@@ -6,14 +6,11 @@ scheduling logic is tested without ROS.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-log = logging.getLogger("ovseg_ros.worker")
 
 
 @dataclass
@@ -69,8 +66,14 @@ class LatestFrameSlots:
             self._cond.notify()
             return replaced
 
-    def take(self, timeout: float | None = None) -> Frame | None:
-        """The next waiting frame, cameras served in turn; None on timeout or when closed."""
+    def take(
+        self, timeout: float | None = None, skip: Callable[[str], bool] | None = None
+    ) -> Frame | None:
+        """The next waiting frame, cameras served in turn; None on timeout or when closed.
+
+        Cameras for which skip(camera) is true are passed over (their frames stay); a change
+        of what skip says is signalled with wake().
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._closed:
@@ -78,7 +81,7 @@ class LatestFrameSlots:
                 for i in range(n):
                     camera = self._order[(self._next + i) % n]
                     frame = self._slots[camera]
-                    if frame is not None:
+                    if frame is not None and not (skip is not None and skip(camera)):
                         self._slots[camera] = None
                         self._next = (self._next + i + 1) % n
                         return frame
@@ -87,6 +90,17 @@ class LatestFrameSlots:
                     return None
                 self._cond.wait(remaining)
             return None
+
+    def take_camera(self, camera: str) -> Frame | None:
+        """That camera's waiting frame, if any, at once."""
+        with self._cond:
+            frame, self._slots[camera] = self._slots[camera], None
+            return frame
+
+    def wake(self) -> None:
+        """Make waiting take() calls look again (what their skip says has changed)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def clear(self) -> int:
         """Drop every waiting frame (counted as drops); return how many there were."""
