@@ -161,3 +161,22 @@ def test_node_bench_against_a_revision_runs_both_in_one_run(monkeypatch):
         assert all(st["outputs_complete"] >= 1 for st in row["streams"])
     table = format_node_against(result)
     assert "| stream, 2 cameras: output Hz |" in table and "after / before" in table
+
+
+def test_a_stand_in_engine_leaves_the_nodes_own_work(tiny_backbone, monkeypatch):
+    """--stand-in-ms: the engine waits without using the CPU and returns the real result."""
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(next_domain_id()))
+    cfg = SegmenterConfig(
+        model_name="ovseg-tiny",
+        model_pretrained="none",
+        device="cpu",
+        templates="single",
+        text_cache_dir="none",
+    )
+    result = run_node_bench(
+        cfg, (120, 160), frames=3, backbone=tiny_backbone, stand_in_ms=50.0, cameras=1
+    )
+    assert 50.0 <= result["engine_ms"]["p50"] < 50.0 + 40.0  # the wait, not the model
+    assert result["node_end_to_end_ms"]["p50"] >= 50.0
+    assert result["stand_in_ms"] == 50.0
+    assert "stand-in that waits 50 ms" in format_node_bench(result)

@@ -120,6 +120,15 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "(1 = no such phase) [2]",
     )
     bench.add_argument(
+        "--stand-in-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="--node: replace the model by a stand-in that waits MS ms per pass without using "
+        "the CPU, as a GPU does, and returns the real result (computed beforehand): measures "
+        "the node's own work on a machine without a GPU [0 = the real model]",
+    )
+    bench.add_argument(
         "--against",
         metavar="REV",
         help="time this checkout against git revision REV (e.g. a release tag) in one run: "
@@ -176,6 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 rounds=max(1, args.repeats),
                 cameras=args.cameras,
                 progress=progress,
+                stand_in_ms=args.stand_in_ms,
             )
             print(format_node_against(result))
             return 0
@@ -195,6 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rate=args.rate,
             progress=progress,
             cameras=args.cameras,
+            stand_in_ms=args.stand_in_ms,
         )
         print(format_node_bench(result))
         if args.out:
