@@ -16,6 +16,15 @@ from ovseg_ros.ros.bench_node_session import config_parameters
 
 pytestmark = pytest.mark.ros
 
+#: The tiny random-weight model on the CPU, text encoded once per vocabulary without a cache.
+TINY = {
+    "model_name": "ovseg-tiny",
+    "model_pretrained": "none",
+    "device": "cpu",
+    "templates": "single",
+    "text_cache_dir": "none",
+}
+
 
 def test_config_parameters_round_trip():
     cfg = SegmenterConfig(method="sclip", method_params={"logit_scale": 30.0}, short_side=224)
@@ -27,13 +36,7 @@ def test_config_parameters_round_trip():
 
 def test_node_bench_reports_engine_and_node_latency(tiny_backbone, monkeypatch):
     monkeypatch.setenv("ROS_DOMAIN_ID", str(next_domain_id()))
-    cfg = SegmenterConfig(
-        model_name="ovseg-tiny",
-        model_pretrained="none",
-        device="cpu",
-        templates="single",
-        text_cache_dir="none",
-    )
+    cfg = SegmenterConfig(**TINY)
     result = run_node_bench(cfg, (120, 160), frames=3, backbone=tiny_backbone)
     assert result["frames"] == 3 and result["size"] == "160x120"
     for name in ("labels", "confidence", "overlay"):
@@ -52,13 +55,7 @@ def test_node_bench_reports_engine_and_node_latency(tiny_backbone, monkeypatch):
 
 def test_node_stream_reports_rates_and_drops_that_add_up(tiny_backbone, monkeypatch, tmp_path):
     monkeypatch.setenv("ROS_DOMAIN_ID", str(next_domain_id()))
-    cfg = SegmenterConfig(
-        model_name="ovseg-tiny",
-        model_pretrained="none",
-        device="cpu",
-        templates="single",
-        text_cache_dir="none",
-    )
+    cfg = SegmenterConfig(**TINY)
     result = run_node_bench(
         cfg, (120, 160), frames=1, backbone=tiny_backbone, duration=2.0, rate=30.0
     )
@@ -143,15 +140,8 @@ def test_node_bench_against_a_revision_runs_both_in_one_run(monkeypatch):
     if not (repo / ".git").exists():
         pytest.skip("not a git checkout")
     monkeypatch.setenv("ROS_DOMAIN_ID", str(next_domain_id()))
-    config = {
-        "model_name": "ovseg-tiny",
-        "model_pretrained": "none",
-        "device": "cpu",
-        "templates": "single",
-        "text_cache_dir": "none",
-    }
     result = run_node_against(
-        repo, "HEAD", config, (96, 128), frames=2, duration=1.0, rate=15.0, rounds=1
+        repo, "HEAD", dict(TINY), (96, 128), frames=2, duration=1.0, rate=15.0, rounds=1
     )
     before, after = result["rows"]
     assert before["label"] == "HEAD" and after["label"] == "this checkout"
@@ -166,13 +156,7 @@ def test_node_bench_against_a_revision_runs_both_in_one_run(monkeypatch):
 def test_a_stand_in_engine_leaves_the_nodes_own_work(tiny_backbone, monkeypatch):
     """--stand-in-ms: the engine waits without using the CPU and returns the real result."""
     monkeypatch.setenv("ROS_DOMAIN_ID", str(next_domain_id()))
-    cfg = SegmenterConfig(
-        model_name="ovseg-tiny",
-        model_pretrained="none",
-        device="cpu",
-        templates="single",
-        text_cache_dir="none",
-    )
+    cfg = SegmenterConfig(**TINY)
     result = run_node_bench(
         cfg, (120, 160), frames=3, backbone=tiny_backbone, stand_in_ms=50.0, cameras=1
     )
