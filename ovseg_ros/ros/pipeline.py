@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .worker import Frame, LatestFrameSlots
@@ -45,7 +45,8 @@ class Decoded:
     frame: Frame
     image: Any  # HxWx3 uint8 RGB (numpy); frames of equal shape can share a forward pass
     context: Any = None  # the node's per-frame record (the outputs wanted, ...)
-    started: float = field(default_factory=time.perf_counter)  # when decoding began
+    decode_ms: float = 0.0  # time spent decoding it
+    segment_ms: float = 0.0  # time of the forward pass it was in (set by the pipeline)
 
     @property
     def camera(self) -> str:
@@ -276,6 +277,7 @@ class FramePipeline:
             if not batch:
                 continue
             self._last_start = time.monotonic()
+            started = time.perf_counter()
             try:
                 results = self._segment([item.image for item in batch])
                 if len(results) != len(batch):
@@ -286,6 +288,9 @@ class FramePipeline:
                 self._release(len(batch))
                 log.exception("segmenting frames of %s failed", [i.camera for i in batch])
                 continue
+            segment_ms = (time.perf_counter() - started) * 1e3
+            for item in batch:
+                item.segment_ms = segment_ms
             if len(batch) > 1:
                 self.batches += 1
             with self._cond:
