@@ -346,3 +346,20 @@ def test_stop_finishes_the_frames_in_hand():
     assert published == [5] and p.pipeline.idle()
     with pytest.raises(RuntimeError):
         p.pipeline.start()
+
+
+def test_each_frame_carries_the_time_of_its_forward_pass():
+    """The node's 'inference ms' adds decode, this and its outputs, not the hand-off waits."""
+    times = []
+
+    def segment(images):
+        time.sleep(0.05)
+        return segment_each(images)
+
+    def publish(item, n):
+        times.append(item.segment_ms)
+
+    with Pipe(segment=segment, publish=publish) as p:
+        p.put(frame("cam", 1))
+        assert p.wait(lambda: len(times) == 1)
+    assert 50.0 <= times[0] < 500.0
