@@ -164,3 +164,27 @@ def test_a_stand_in_engine_leaves_the_nodes_own_work(tiny_backbone, monkeypatch)
     assert result["node_end_to_end_ms"]["p50"] >= 50.0
     assert result["stand_in_ms"] == 50.0
     assert "stand-in that waits 50 ms" in format_node_bench(result)
+
+
+def test_a_stand_in_engine_batches_cameras_as_the_node_does_on_a_gpu(tiny_backbone, monkeypatch):
+    """With the stand-in the node batches cameras (it is a GPU); a pass over two frames waits
+    --stand-in-ms plus --stand-in-batch-ms, and the bench reports the shared passes."""
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(next_domain_id()))
+    cfg = SegmenterConfig(**TINY)
+    result = run_node_bench(
+        cfg,
+        (120, 160),
+        frames=1,
+        backbone=tiny_backbone,
+        duration=1.5,
+        rate=20.0,
+        stand_in_ms=40.0,
+        stand_in_batch_ms=10.0,
+    )
+    assert result["stand_in_batch_ms"] == 10.0
+    two = result["stream_cameras"]
+    assert two["batches"] >= 1 and two["node_counters"]["failed"] == 0
+    assert result["stream"]["batches"] == 0  # one camera: nothing to share a pass with
+    table = format_node_bench(result)
+    assert "+10 ms per other camera's frame in a pass" in table
+    assert "Forward passes that served more than one camera's frame" in table

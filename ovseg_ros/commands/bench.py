@@ -129,6 +129,14 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "the node's own work on a machine without a GPU [0 = the real model]",
     )
     bench.add_argument(
+        "--stand-in-batch-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="--node --stand-in-ms: what each further camera's frame adds to a pass (the node "
+        "batches cameras on a GPU, and so with the stand-in) [a quarter of --stand-in-ms]",
+    )
+    bench.add_argument(
         "--against",
         metavar="REV",
         help="time this checkout against git revision REV (e.g. a release tag) in one run: "
@@ -186,6 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 cameras=args.cameras,
                 progress=progress,
                 stand_in_ms=args.stand_in_ms,
+                stand_in_batch_ms=args.stand_in_batch_ms,
             )
             print(format_node_against(result))
             return 0
@@ -206,6 +215,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             progress=progress,
             cameras=args.cameras,
             stand_in_ms=args.stand_in_ms,
+            stand_in_batch_ms=args.stand_in_batch_ms,
         )
         print(format_node_bench(result))
         if args.out:

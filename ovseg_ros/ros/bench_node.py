@@ -1,6 +1,7 @@
 """Node benchmark: the ROS node against the bare engine, one frame at a time and as a stream.
 
-One process, one model (bench_node_session.py: the peer camera and the nodes). Phases:
+One model (bench_node_session.py: the nodes, spinning in this process, and a peer process with
+the cameras and the outputs' subscribers, bench_peer.py). Phases:
 
 * alternating: for every frame the bare `Segmenter.segment` is timed, then the same frame goes
   through the node (published on `image` by a peer node, received back on each subscribed output),
@@ -93,6 +94,7 @@ def run_node_bench(
     progress: Callable[[str], None] | None = None,
     cameras: int = 2,
     stand_in_ms: float = 0.0,
+    stand_in_batch_ms: float | None = None,
 ) -> dict[str, Any]:
     """Time `frames` frames through the engine and the node, alternating; then stream for
     `duration` seconds at `rate` Hz to one camera and (cameras > 1) to `cameras` cameras of one
@@ -100,7 +102,13 @@ def run_node_bench(
     machine = machine_info()
     others = OtherCpuUse()
     session = NodeSession(
-        cfg, size, outputs, backbone=backbone, timeout=timeout, stand_in_ms=stand_in_ms
+        cfg,
+        size,
+        outputs,
+        backbone=backbone,
+        timeout=timeout,
+        stand_in_ms=stand_in_ms,
+        stand_in_batch_ms=stand_in_batch_ms,
     )
     streams: list[dict[str, Any]] = []
     try:
@@ -130,6 +138,7 @@ def run_node_bench(
         "model": f"{bb.name} ({bb.source}) on {bb.device}",
         "method": cfg.method,
         "stand_in_ms": stand_in_ms,
+        "stand_in_batch_ms": session.stand_in_batch_ms,
         "outputs": list(outputs),
         **alternating,
         "stream": streams[0] if streams else None,
@@ -144,7 +153,7 @@ def format_node_bench(result: dict[str, Any]) -> str:
         "",
         f"Node vs engine, {result['size']}, {result['model']}, method {result['method']}, "
         f"{result['frames']} frames (alternating, one at a time)"
-        + _stand_in_note(result.get("stand_in_ms", 0.0)),
+        + _stand_in_note(result.get("stand_in_ms", 0.0), result.get("stand_in_batch_ms")),
         "",
         "| path | p50 ms | p95 ms | mean ms |",
         "|---|---|---|---|",
@@ -177,12 +186,13 @@ def format_node_bench(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _stand_in_note(ms: float) -> str:
+def _stand_in_note(ms: float, batch_ms: float | None = None) -> str:
     if ms <= 0:
         return ""
+    batch = "" if batch_ms is None else f" (+{batch_ms:g} ms per other camera's frame in a pass)"
     return (
-        f"; the engine is a stand-in that waits {ms:g} ms per pass without using the CPU (as a "
-        "GPU does) and returns the real result: the rest is the node's own work"
+        f"; the engine is a stand-in that waits {ms:g} ms per pass{batch} without using the CPU "
+        "(as a GPU does) and returns the real result: the rest is the node's own work"
     )
 
 
@@ -228,6 +238,10 @@ def format_stream(st: dict[str, Any]) -> list[str]:
             f"processed {c['processed']}, published {c['published']}, failed {c['failed']}"
             + ("" if st["drained"] else " (the node had not settled when the bench ended)"),
         ]
+        if st.get("batches"):
+            lines.append(
+                f"Forward passes that served more than one camera's frame: {st['batches']}"
+            )
     return lines
 
 
@@ -317,6 +331,7 @@ def run_node_against(
     cameras: int = 2,
     progress: Callable[[str], None] | None = None,
     stand_in_ms: float = 0.0,
+    stand_in_batch_ms: float | None = None,
 ) -> dict[str, Any]:
     """The node bench of REV's code and of this checkout, in `rounds` interleaved rounds.
 
@@ -335,6 +350,7 @@ def run_node_against(
         "size": list(size),
         "outputs": list(DEFAULT_OUTPUTS),
         "stand_in_ms": stand_in_ms,
+        "stand_in_batch_ms": stand_in_batch_ms,
     }
     labels = [revision, "this checkout"]
     phases: list[tuple[str, dict[str, Any]]] = [("alternate", {"frames": max(1, frames // rounds)})]
@@ -386,6 +402,7 @@ def run_node_against(
         "size": f"{size[1]}x{size[0]}",
         "rounds": rounds,
         "stand_in_ms": stand_in_ms,
+        "stand_in_batch_ms": (stand_in_ms / 4 if stand_in_batch_ms is None else stand_in_batch_ms),
         "rows": rows,
     }
 
@@ -396,7 +413,7 @@ def format_node_against(result: dict[str, Any]) -> str:
     lines = [
         f"Node bench, this checkout against {result['revision']}, {result['size']}, "
         f"{result['rounds']} interleaved rounds per phase (one run)"
-        + _stand_in_note(result.get("stand_in_ms", 0.0)),
+        + _stand_in_note(result.get("stand_in_ms", 0.0), result.get("stand_in_batch_ms")),
         "",
         f"| figure | {before['label']} | this checkout | after / before |",
         "|---|---|---|---|",

@@ -3,8 +3,13 @@
 Used in-process by `ovseg bench --node` (bench_node.py) and, for `--against REV`, run as a script
 in a worker process under another checkout's code: this file's measuring logic then drives that
 revision's node. So it imports only what every revision of the package has had (OvsegNode with
-its _cams / _slots / _worker counters, Segmenter, SegmenterConfig, parameter_fields, rgb_to_msg,
-sample_images, demo.share_dir, the rgb8 encoder) and no other module of the bench.
+its _cams / _slots / _worker counters, Segmenter, SegmenterConfig, parameter_fields,
+sample_images, demo.share_dir) and no other module of the bench.
+
+The nodes spin in an executor thread of this process, as under `ros2 run`. The cameras and the
+subscribers of the outputs are a peer process (bench_peer.py, always this checkout's file and
+code), as a camera driver and RViz are: receiving ~1.5 MB of outputs a frame in the node's
+process would compete with the node's threads for the GIL.
 
 Phases:
 * alternate(frames): per frame, the bare Segmenter.segment is timed, then the same frame goes
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +33,7 @@ import cv2
 import numpy as np
 
 DEFAULT_OUTPUTS = ("labels", "confidence", "overlay")
+FRAMES = 8  # distinct images the peer cycles through (the session prepares the same)
 
 
 def config_parameters(cfg: Any) -> dict[str, Any]:
@@ -56,17 +63,8 @@ def bench_frames(size: tuple[int, int], count: int) -> list[np.ndarray]:
     ]
 
 
-def _rgb_to_msg() -> Callable[..., Any]:
-    """The encoder of rgb8 Image messages (ros/encode.py; ros/codec.py in older revisions)."""
-    try:
-        from ovseg_ros.ros.encode import rgb_to_msg
-    except ImportError:  # a revision before the codec split
-        from ovseg_ros.ros.codec import rgb_to_msg
-    return rgb_to_msg
-
-
 class NodeSession:
-    """A context with the peer camera and (made on first use) one node per camera count."""
+    """A context with one node per camera count (made on first use) and the peer process."""
 
     def __init__(
         self,
@@ -76,12 +74,15 @@ class NodeSession:
         backbone: Any = None,
         timeout: float = 120.0,
         stand_in_ms: float = 0.0,
+        stand_in_batch_ms: float | None = None,
     ) -> None:
-        """Load the model once (or reuse `backbone`); start ROS on this process's domain.
+        """Load the model once (or reuse `backbone`); start ROS and the peer on one domain.
 
         stand_in_ms > 0: the engine (the bare one and the nodes') is replaced by a stand-in that
         waits that long without using the CPU, as a GPU run does, and returns the real engine's
-        result for the frame, computed once beforehand: what is left is the node's own work.
+        result for the frame, computed once beforehand: what is left is the node's own work. A
+        pass over n frames (cameras batched, as the node does on a GPU) waits stand_in_ms +
+        (n - 1) * stand_in_batch_ms (default stand_in_ms / 4).
         """
         from ovseg_ros.ros.demo import share_dir
 
@@ -92,7 +93,6 @@ class NodeSession:
         import rclpy
         from rclpy.context import Context
         from rclpy.executors import SingleThreadedExecutor
-        from rclpy.node import Node
 
         from ovseg_ros.engine import Segmenter
         from ovseg_ros.engine.segmenter import load_backbone
@@ -101,41 +101,81 @@ class NodeSession:
         self.backbone = backbone or load_backbone(cfg)
         self.engine = Segmenter(cfg, backbone=self.backbone)
         self.stand_in_ms = stand_in_ms
+        self.stand_in_batch_ms = stand_in_ms / 4 if stand_in_batch_ms is None else stand_in_batch_ms
         self._results: dict[Any, Any] = {}  # frame key -> the real engine's result (stand-in)
         self.context = Context()
-        domain = int(os.environ.get("ROS_DOMAIN_ID", 100 + os.getpid() % 100))
-        rclpy.init(context=self.context, domain_id=domain)
+        self.domain = int(os.environ.get("ROS_DOMAIN_ID", 100 + os.getpid() % 100))
+        rclpy.init(context=self.context, domain_id=self.domain)
+        # The nodes spin in a thread of their own, as in `ros2 run`; the peer is a process.
         self.executor = SingleThreadedExecutor(context=self.context)
-        self.peer = Node("bench_camera", context=self.context)
-        self.executor.add_node(self.peer)
-        self.arrivals: dict[str, dict[int, float]] = {}  # output topic -> stamp -> arrival
-        self._nodes: dict[int, tuple[Any, list[Any], list[list[str]]]] = {}
+        self._spinner = threading.Thread(target=self._spin, name="bench-executor", daemon=True)
+        self._spinner.start()
+        self._peer = self._start_peer()
+        self._nodes: dict[int, tuple[Any, list[list[str]]]] = {}
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def spin_until(self, predicate: Callable[[], bool], limit: float) -> bool:
-        """Spin the executor until predicate() or `limit` seconds."""
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    def _start_peer(self) -> Any:
+        """bench_peer.py (beside this file) with this checkout's code, on this domain."""
+        import subprocess
+        from pathlib import Path
+
+        here = Path(__file__).resolve()
+        env = {
+            **os.environ,
+            "ROS_DOMAIN_ID": str(self.domain),
+            "PYTHONPATH": str(here.parents[2]),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, str(here.with_name("bench_peer.py"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert proc.stdin and proc.stdout
+        proc.stdin.write(json.dumps({"size": list(self.size)}) + "\n")
+        proc.stdin.flush()
+        if not proc.stdout.readline().startswith('{"ready"'):
+            proc.kill()
+            raise RuntimeError("the bench's peer process did not start")
+        return proc
+
+    def ask(self, op: str, **args: Any) -> dict[str, Any]:
+        """One command to the peer process (bench_peer.py); its answer."""
+        self._peer.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self._peer.stdin.flush()
+        line = self._peer.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the bench's peer process ended during {op!r}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"bench peer, {op}: {answer['error']}")
+        return answer
+
+    @staticmethod
+    def wait_until(predicate: Callable[[], bool], limit: float) -> bool:
+        """Poll predicate() (the executor spins in its own thread) for up to `limit` s."""
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if predicate():
                 return True
-            self.executor.spin_once(timeout_sec=0.1)
+            time.sleep(0.005)
         return predicate()
 
-    @staticmethod
-    def stamp(msg: Any) -> int:
-        """Stamp the message with the wall clock now; return the stamp in ns (the match key)."""
-        sent = time.time_ns()
-        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(sent, 10**9)
-        return sent
-
-    def node(self, cameras: int = 1) -> tuple[Any, list[Any], list[list[str]]]:
-        """(node, the peer's image publisher per camera, the output topics per camera)."""
+    def node(self, cameras: int = 1) -> tuple[Any, list[list[str]]]:
+        """(node, the output topics per camera); the peer's publishers and subscriptions matched."""
         if cameras in self._nodes:
             return self._nodes[cameras]
         from rclpy.parameter import Parameter
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-        from sensor_msgs.msg import Image
 
         from ovseg_ros.ros.node import OvsegNode
 
@@ -153,42 +193,36 @@ class NodeSession:
             parameter_overrides=[Parameter(k, value=v) for k, v in params.items()],
             backbone=self.backbone,
         )
-        self.executor.add_node(node)
         if self.stand_in_ms > 0:
             node.segmenter.segment = self.segment  # the node's own work, around a stand-in
-        reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+            node.segmenter.segment_batch = self.segment_batch
+            worker = getattr(node, "_worker", None)
+            if hasattr(worker, "batch"):
+                worker.batch = True  # the stand-in is a GPU: the node batches cameras there
+        self.executor.add_node(node)
         prefixes = [f"{c}/" for c in names] or [""]
-        pubs = [self.peer.create_publisher(Image, f"/{p}image", reliable) for p in prefixes]
         topics = [[f"/{name}/{p}{o}" for o in self.outputs] for p in prefixes]
-        for topic in (t for per_camera in topics for t in per_camera):
-            self.arrivals[topic] = {}
-            self.peer.create_subscription(Image, topic, self._keeper(topic), reliable)
-        if not self.spin_until(
-            lambda: (
-                all(p.get_subscription_count() > 0 for p in pubs)
-                and all(node.count_subscribers(t) > 0 for ts in topics for t in ts)
-            ),
-            30.0,
+        self.ask("open", key=name, inputs=[f"/{p}image" for p in prefixes], outputs=topics)
+        if not self.wait_until(
+            lambda: all(node.count_subscribers(t) > 0 for ts in topics for t in ts), 30.0
         ):
-            raise RuntimeError("the node and the bench camera did not discover each other")
-        self._nodes[cameras] = (node, pubs, topics)
+            raise RuntimeError("the node did not see the bench's subscribers")
+        self._nodes[cameras] = (node, topics)
         return self._nodes[cameras]
 
-    def _keeper(self, topic: str) -> Callable[[Any], None]:
-        arrivals = self.arrivals[topic]
-
-        def keep(msg: Any) -> None:
-            arrivals[msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec] = time.time()
-
-        return keep
-
     def close(self) -> None:
-        """Destroy the nodes and end the context."""
-        for node, _, _ in self._nodes.values():
+        """End the peer, destroy the nodes and end the context."""
+        try:
+            self._peer.stdin.close()
+            self._peer.wait(30)
+        except Exception:  # noqa: BLE001 - closing: end it regardless
+            self._peer.kill()
+        for node, _ in self._nodes.values():
+            self.executor.remove_node(node)
             node.destroy_node()
-        self.peer.destroy_node()
         self.executor.shutdown()
         self.context.try_shutdown()
+        self._spinner.join(10)
 
     # --- phases --------------------------------------------------------------------------------
 
@@ -202,26 +236,37 @@ class NodeSession:
             for rgb in images:
                 self._results.setdefault(self._key(rgb), self.engine.segment(rgb))
 
+    def _result(self, rgb: np.ndarray) -> Any:
+        result = self._results.get(self._key(rgb))
+        if result is None:  # a frame not prepared: computed once, outside the stand-in's time
+            result = self._results[self._key(rgb)] = self.engine.segment(rgb)
+        return result
+
     def segment(self, rgb: np.ndarray) -> Any:
         """The engine as the bench and the nodes call it (the stand-in when one is set)."""
         if self.stand_in_ms <= 0:
             return self.engine.segment(rgb)
-        result = self._results.get(self._key(rgb))
-        if result is None:  # a frame not prepared: computed once, outside the stand-in's time
-            result = self._results[self._key(rgb)] = self.engine.segment(rgb)
+        result = self._result(rgb)
         time.sleep(self.stand_in_ms / 1e3)
         return result
+
+    def segment_batch(self, images: list[np.ndarray]) -> list[Any]:
+        """The stand-in's pass over several cameras' frames (stand_in_batch_ms per extra frame)."""
+        results = [self._result(rgb) for rgb in images]
+        time.sleep((self.stand_in_ms + (len(images) - 1) * self.stand_in_batch_ms) / 1e3)
+        return results
 
     def alternate(self, frames: int, warmup: int = 1) -> dict[str, Any]:
         """Engine, then node, frame by frame (see the module doc); samples in ms."""
         from ovseg_ros.viz import class_colors, overlay
 
-        node, pubs, topics = self.node(1)
-        images = bench_frames(self.size, frames + warmup)
+        node, topics = self.node(1)
+        images = bench_frames(self.size, FRAMES)
         self.prepare(images)
         samples: dict[str, Any] = {"engine": [], "end_to_end": [], "overlay": [], "outputs": {}}
         samples["outputs"] = {o: [] for o in self.outputs}
-        for i, rgb in enumerate(images):
+        for i in range(frames + warmup):
+            rgb = images[i % FRAMES]
             t0 = time.perf_counter()
             result = self.segment(rgb)
             engine_ms = (time.perf_counter() - t0) * 1e3
@@ -231,24 +276,14 @@ class NodeSession:
             t0 = time.perf_counter()
             overlay(rgb, result.labels, class_colors(max(len(names), 1)), 0.5, names)
             overlay_ms = (time.perf_counter() - t0) * 1e3
-            msg = _rgb_to_msg()(rgb, None)
-            key = self.stamp(msg)
-            pubs[0].publish(msg)
-            if not self.spin_until(
-                lambda k=key: all(k in self.arrivals[t] for t in topics[0]), self.timeout
-            ):
-                raise RuntimeError(f"frame {i} did not come back within {self.timeout} s")
+            got = self.ask("one", key=node.get_name(), camera=0, frame=i, timeout=self.timeout)
             if i < warmup:
                 continue  # caches, first allocations
             samples["engine"].append(engine_ms)
             samples["overlay"].append(overlay_ms)
-            got = {
-                o: (self.arrivals[t][key] * 1e9 - key) * 1e-6
-                for o, t in zip(self.outputs, topics[0], strict=True)
-            }
-            for o, ms in got.items():
+            for o, ms in zip(self.outputs, got["outputs"], strict=True):
                 samples["outputs"][o].append(ms)
-            samples["end_to_end"].append(max(got.values()))
+            samples["end_to_end"].append(max(got["outputs"]))
         return samples
 
     def counters(self, node: Any) -> dict[str, int]:
@@ -262,20 +297,9 @@ class NodeSession:
         return total
 
     def stream(self, duration: float, rate: float, cameras: int = 1) -> dict[str, Any]:
-        """Publish at `rate` Hz to every camera for `duration` s, let the node finish, count."""
-        node, pubs, topics = self.node(cameras)
-        images = bench_frames(self.size, 5)
-        self.prepare(images)
-        messages = [[_rgb_to_msg()(rgb, None) for rgb in images] for _ in pubs]
-        sent: list[tuple[int, int]] = []  # (camera, stamp)
-        ticks = [0]
-
-        def tick() -> None:
-            for cam, pub in enumerate(pubs):
-                msg = messages[cam][ticks[0] % len(images)]
-                sent.append((cam, self.stamp(msg)))
-                pub.publish(msg)
-            ticks[0] += 1
+        """The peer publishes at `rate` Hz to every camera for `duration` s; the node finishes."""
+        node, topics = self.node(cameras)
+        self.prepare(bench_frames(self.size, FRAMES))
 
         def idle() -> bool:
             worker = getattr(node, "_worker", None)
@@ -283,54 +307,53 @@ class NodeSession:
 
         # Counters are read while the node is idle: a frame of an earlier phase still in hand
         # would otherwise count as processed in this phase without having been received in it.
-        self.spin_until(idle, 10.0)
+        self.wait_until(idle, 10.0)
         before = self.counters(node)
-        timer = self.peer.create_timer(1.0 / rate, tick)
-        start = time.monotonic()
-        self.spin_until(lambda: time.monotonic() - start >= duration, duration + 5.0)
-        timer.cancel()
-        self.peer.destroy_timer(timer)
-
-        def complete(cam: int, key: int) -> bool:
-            return all(key in self.arrivals[t] for t in topics[cam])
+        batches = int(getattr(getattr(node, "_worker", None), "batches", 0))
+        streamed = self.ask("stream", key=node.get_name(), duration=duration, rate=rate)
+        sent = [(int(c), int(k)) for c, k in streamed["sent"]]
 
         def delta() -> dict[str, int]:
             after = self.counters(node)
             return {k: after[k] - before[k] for k in after}
 
-        def settled() -> bool:
-            # All the node received is accounted for, it is idle, and every frame it published
-            # has arrived on every output.
+        def node_settled() -> bool:
+            # All the node received is accounted for and it is idle.
             d = delta()
-            done = d["processed"] + d["dropped"] + d["failed"]
-            arrived = sum(complete(c, k) for c, k in sent)
             return (
                 d["received"] >= len(sent)
-                and done >= d["received"]
+                and d["processed"] + d["dropped"] + d["failed"] >= d["received"]
                 and idle()
-                and (arrived >= d["published"])
             )
 
-        self.spin_until(settled, 10.0)
+        self.wait_until(node_settled, 10.0)
+        published = delta()["published"]
+        got = self.ask("collect", key=node.get_name(), published=published, limit=10.0)
+        arrivals = {t: {int(k): v for k, v in a.items()} for t, a in got["arrivals"].items()}
+
+        def complete(cam: int, key: int) -> bool:
+            return all(key in arrivals[t] for t in topics[cam])
+
         done = [(c, k) for c, k in sent if complete(c, k)]
-        finish = [max(self.arrivals[t][k] for t in topics[c]) for c, k in done]
+        finish = [max(arrivals[t][k] for t in topics[c]) for c, k in done]
         last = [(f * 1e9 - k) * 1e-6 for f, (_, k) in zip(finish, done, strict=True)]
         per_output = {
             o: [
-                (self.arrivals[topics[c][j]][k] * 1e9 - k) * 1e-6
+                (arrivals[topics[c][j]][k] * 1e9 - k) * 1e-6
                 for c, k in sent
-                if k in self.arrivals[topics[c][j]]
+                if k in arrivals[topics[c][j]]
             ]
             for j, o in enumerate(self.outputs)
         }
         stamps = [k for _, k in sent]
+        ticks = int(streamed["ticks"])
         return {
             "rate_hz": rate,
             "duration_s": duration,
             "cameras": cameras,
             "published": len(sent),
             # Rates are intervals over spans, so that rounds of a phase can be added up.
-            "input_intervals": max(0, ticks[0] - 1),
+            "input_intervals": max(0, ticks - 1),
             "input_span_s": (max(stamps) - min(stamps)) * 1e-9 if len(stamps) > 1 else 0.0,
             "outputs_complete": len(done),
             "output_intervals": max(0, len(done) - 1),
@@ -338,9 +361,11 @@ class NodeSession:
             "per_output_count": {o: len(v) for o, v in per_output.items()},
             "drops": len(sent) - len(done),
             "node_counters": delta(),
-            "drained": settled(),
+            "drained": node_settled() and len(done) >= published,
             "end_to_end": last,
             "outputs": per_output,
+            # forward passes that served more than one camera's frame
+            "batches": int(getattr(getattr(node, "_worker", None), "batches", 0)) - batches,
         }
 
 
@@ -351,7 +376,11 @@ def _worker(stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:
     spec = json.loads(stdin.readline())
     cfg = SegmenterConfig(**spec["config"])
     session = NodeSession(
-        cfg, tuple(spec["size"]), tuple(spec["outputs"]), stand_in_ms=spec.get("stand_in_ms", 0)
+        cfg,
+        tuple(spec["size"]),
+        tuple(spec["outputs"]),
+        stand_in_ms=spec.get("stand_in_ms", 0),
+        stand_in_batch_ms=spec.get("stand_in_batch_ms"),
     )
     try:
         session.node(1)
