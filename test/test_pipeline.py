@@ -363,3 +363,54 @@ def test_each_frame_carries_the_time_of_its_forward_pass():
         p.put(frame("cam", 1))
         assert p.wait(lambda: len(times) == 1)
     assert 50.0 <= times[0] < 500.0
+
+
+def test_a_frame_arriving_while_inference_is_idle_is_decoded_by_the_inference_thread():
+    threads = []
+
+    def decode(f):
+        threads.append(threading.current_thread().name)
+        return Decoded(f, f.image)
+
+    with Pipe(decode=decode) as p:
+        for n in range(3):
+            p.put(frame("cam", n))
+            assert p.wait(lambda n=n: len(p.published) == n + 1)
+            assert p.wait(p.pipeline.idle)
+    assert threads == ["ovseg-inference"] * 3  # no hand-off from the decode thread
+    assert [r for _, r in p.published] == [0, 1, 2]
+
+
+def test_a_frame_decoded_after_a_newer_one_went_into_inference_is_dropped():
+    """The decode thread is slow on frame 1; frame 2 arrives and the idle inference thread takes
+    it itself; frame 1, decoded afterwards, must not be published after frame 2."""
+    gate, in_decode = threading.Event(), threading.Event()
+    segmenting, release = threading.Event(), threading.Event()
+
+    def decode(f):
+        if f.header == 1:
+            in_decode.set()
+            gate.wait(5)
+        return Decoded(f, f.image)
+
+    def segment(images):
+        if images[0].flat[0] == 0:
+            segmenting.set()
+            release.wait(5)
+        return segment_each(images)
+
+    with Pipe(decode=decode, segment=segment) as p:
+        p.put(frame("cam", 0))
+        assert segmenting.wait(5)  # frame 0 in the model: the decode thread works ahead
+        p.put(frame("cam", 1))
+        assert in_decode.wait(5)  # the decode thread holds frame 1
+        p.put(frame("cam", 2))
+        release.set()
+        assert p.wait(lambda: [r for _, r in p.published] == [0, 2])
+        gate.set()
+        assert p.wait(lambda: p.stats().dropped == 1)
+        assert p.wait(p.pipeline.idle)
+        time.sleep(0.05)
+    assert [r for _, r in p.published] == [0, 2]
+    s = p.stats()
+    assert (s.received, s.processed, s.dropped, s.failed) == (3, 2, 1, 0)
