@@ -139,10 +139,24 @@ def test_node_bench_against_a_revision_runs_both_in_one_run(monkeypatch):
     repo = Path(__file__).resolve().parents[1]
     if not (repo / ".git").exists():
         pytest.skip("not a git checkout")
-    monkeypatch.setenv("ROS_DOMAIN_ID", str(next_domain_id()))
+    from ovseg_ros.ros import bench_node
+
+    domain = next_domain_id()
+    next_domain_id()  # the second worker's
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
+    domains = []
+    start = bench_node._start_worker
+
+    def start_worker(root, spec, worker_domain):
+        domains.append(worker_domain)
+        return start(root, spec, worker_domain)
+
+    monkeypatch.setattr(bench_node, "_start_worker", start_worker)
     result = run_node_against(
         repo, "HEAD", dict(TINY), (96, 128), frames=2, duration=1.0, rate=15.0, rounds=1
     )
+    # Each worker on its own domain: same node names and topics, so one domain would cross them.
+    assert domains == [domain, domain + 1]
     before, after = result["rows"]
     assert before["label"] == "HEAD" and after["label"] == "this checkout"
     for row in (before, after):

@@ -264,15 +264,17 @@ def write_node_outputs(
 _WORKER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
-def _start_worker(root: Path, spec: dict[str, Any]) -> Any:
-    """A worker process driving the node of the checkout at `root` (see bench_node_session)."""
+def _start_worker(root: Path, spec: dict[str, Any], domain: int) -> Any:
+    """A worker process driving the node of the checkout at `root` (see bench_node_session),
+    on ROS domain `domain`: the two workers' cameras and nodes have the same names and topics,
+    so on one domain each node would also get the other's frames."""
     import os
     import subprocess
     import sys
 
     from . import bench_node_session
 
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": str(root), "ROS_DOMAIN_ID": str(domain)}
     proc = subprocess.Popen(
         [sys.executable, "-c", _WORKER, bench_node_session.__file__],
         stdin=subprocess.PIPE,
@@ -339,6 +341,7 @@ def run_node_against(
     (`config`: the SegmenterConfig fields given on the command line). Every phase is split in
     `rounds` parts that alternate between the two, so machine noise falls on both alike.
     """
+    import os
     import subprocess
     import tempfile
 
@@ -364,7 +367,11 @@ def run_node_against(
         old_root = _worktree(repo, revision, Path(tmp) / "rev")
         procs = []
         try:
-            procs = [_start_worker(root, spec) for root in (old_root, here)]
+            base = int(os.environ.get("ROS_DOMAIN_ID", 100 + os.getpid() % 100))
+            procs = [
+                _start_worker(root, spec, (base + w) % 233)
+                for w, root in enumerate((old_root, here))
+            ]
             for i, (phase, args) in enumerate(phases):
                 total: list[dict[str, Any] | None] = [None, None]
                 for r in range(rounds):
