@@ -365,30 +365,16 @@ def test_each_frame_carries_the_time_of_its_forward_pass():
     assert 50.0 <= times[0] < 500.0
 
 
-def test_a_frame_arriving_while_inference_is_idle_is_decoded_by_the_inference_thread():
-    threads = []
-
-    def decode(f):
-        threads.append(threading.current_thread().name)
-        return Decoded(f, f.image)
-
-    with Pipe(decode=decode) as p:
-        for n in range(3):
-            p.put(frame("cam", n))
-            assert p.wait(lambda n=n: len(p.published) == n + 1)
-            assert p.wait(p.pipeline.idle)
-    assert threads == ["ovseg-inference"] * 3  # no hand-off from the decode thread
-    assert [r for _, r in p.published] == [0, 1, 2]
-
 
 def test_a_frame_decoded_after_a_newer_one_went_into_inference_is_dropped():
-    """The decode thread is slow on frame 1; frame 2 arrives and the idle inference thread takes
-    it itself; frame 1, decoded afterwards, must not be published after frame 2."""
+    """Inference takes decoded frame 1 and, looking for a newer raw frame, finds frame 3, while
+    the decode thread (woken by the emptied slot) is still decoding frame 2: frame 2, decoded
+    last, must not be published after frame 3."""
     gate, in_decode = threading.Event(), threading.Event()
     segmenting, release = threading.Event(), threading.Event()
 
     def decode(f):
-        if f.header == 1:
+        if f.header == 2:
             in_decode.set()
             gate.wait(5)
         return Decoded(f, f.image)
@@ -400,17 +386,28 @@ def test_a_frame_decoded_after_a_newer_one_went_into_inference_is_dropped():
         return segment_each(images)
 
     with Pipe(decode=decode, segment=segment) as p:
+        take_camera = p.slots.take_camera
+
+        def newer_frame_race(camera):
+            # Between taking decoded frame 1 and looking for a newer raw frame: frame 2 arrives
+            # and the decode thread takes it; then frame 3 arrives.
+            p.slots.take_camera = take_camera
+            p.put(frame("cam", 2))
+            assert in_decode.wait(5)
+            p.put(frame("cam", 3))
+            return take_camera(camera)
+
         p.put(frame("cam", 0))
-        assert segmenting.wait(5)  # frame 0 in the model: the decode thread works ahead
+        assert segmenting.wait(5)  # frame 0 in the model
         p.put(frame("cam", 1))
-        assert in_decode.wait(5)  # the decode thread holds frame 1
-        p.put(frame("cam", 2))
+        assert p.wait(lambda: p.pipeline._decoded["cam"] is not None)  # decoded ahead
+        p.slots.take_camera = newer_frame_race
         release.set()
-        assert p.wait(lambda: [r for _, r in p.published] == [0, 2])
+        assert p.wait(lambda: [r for _, r in p.published] == [0, 3])
         gate.set()
-        assert p.wait(lambda: p.stats().dropped == 1)
+        assert p.wait(lambda: p.stats().dropped == 2)  # frame 1 (replaced), frame 2 (late)
         assert p.wait(p.pipeline.idle)
         time.sleep(0.05)
-    assert [r for _, r in p.published] == [0, 2]
+    assert [r for _, r in p.published] == [0, 3]
     s = p.stats()
-    assert (s.received, s.processed, s.dropped, s.failed) == (3, 2, 1, 0)
+    assert (s.received, s.processed, s.dropped, s.failed) == (4, 2, 2, 0)

@@ -4,17 +4,15 @@ Nothing here imports rclpy: the node hands raw frames to the per-camera latest-f
 (worker.py) from its subscription callbacks and gives the pipeline three callables:
 
 * decode(frame) -> Decoded | None runs in the decode thread as soon as a frame arrives while the
-  camera's decoded slot (one frame) is empty and a pass is running, so the next frame is ready
-  (decoded, checked, resized) while the current one is being segmented. A frame that arrives
-  while the inference thread is idle is taken and decoded by that thread itself: one thread
-  hand-off less when the model keeps up with the camera. None means the frame needs no work
+  camera's decoded slot (one frame) is empty, so the next frame is ready (decoded, checked,
+  resized) while the current one is being segmented. None means the frame needs no work
   (rejected, nobody listens). When inference takes a decoded frame and a newer one has arrived
   meanwhile (a model slower than the camera), it takes the newer one and decodes it itself: the
   decoded one is dropped like a replaced raw frame. So inference always starts on the newest
   frame, latency never grows, and decoding costs at most two decodes per inference, never one
   per camera frame (a JPEG stream far faster than a CPU model would otherwise burn a core).
-  A frame decoded while a newer one of its camera went into inference is dropped, so a
-  camera's outputs never go back in time.
+  A frame the decode thread finishes after a newer frame of its camera went into inference is
+  dropped, so a camera's outputs never go back in time.
 * segment(images) -> results runs in the inference thread on the waiting frames: the camera
   whose turn it is, plus (with batching) every other camera's waiting frame of the same size, so
   several cameras cost one forward pass. Cameras are served in turn.
@@ -88,10 +86,9 @@ class FramePipeline:
         self._threads: list[threading.Thread] = []
         self._last_start = 0.0
         self._inference_ended = False
-        self._inference_idle = False  # waiting for frames: it takes and decodes them itself
         # Per camera, when the newest frame given to inference arrived: an older frame decoded
         # meanwhile (the decode thread was at it) is dropped, never published after a newer one.
-        self._latest_taken: dict[str, float] = dict.fromkeys(self._order, float("-inf"))
+        self._latest_taken: dict[str, float] = {c: float("-inf") for c in self._order}
         self._in_flight = 0  # frames held by a stage (taken from a slot, not yet counted)
         self.busy = threading.Event()  # set while any stage holds a frame
         self.batches = 0  # forward passes with more than one camera's frame
@@ -110,7 +107,6 @@ class FramePipeline:
             return
         self._enabled.clear()
         self.slots.clear()
-        self.slots.wake()  # an idle inference thread waiting on the slots looks again
         with self._cond:
             for camera, item in self._decoded.items():
                 if item is not None:
@@ -178,12 +174,7 @@ class FramePipeline:
         while not self._stop.is_set():
             if not self._enabled.wait(0.1):
                 continue
-            with self._cond:  # while the inference thread is idle, it takes the frames itself
-                while self._inference_idle and not self._stop.is_set():
-                    self._cond.wait(0.1)
-            frame = self.slots.take(
-                timeout=0.1, skip=self._leave_to_inference, until=self._inference_is_idle
-            )
+            frame = self.slots.take(timeout=0.1, skip=self._holds_decoded)
             if frame is None:
                 continue
             self._hold()
@@ -212,52 +203,30 @@ class FramePipeline:
                     self._release(1)
                 self._decoded[frame.camera] = item
                 self._cond.notify_all()
-            self.slots.wake()  # an idle inference thread waits on the slots: this is for it
 
-    def _leave_to_inference(self, camera: str) -> bool:
-        """Whether the decode thread leaves the camera's frame (the decode thread waits for it).
-
-        Its decoded slot is full, or the inference thread is idle: then that thread takes the
-        frame and decodes it itself, one thread hand-off less for a frame that arrives when the
-        model is free (the decode thread works ahead only while a pass runs).
-        """
-        return self._inference_idle or self._decoded[camera] is not None
-
-    def _inference_is_idle(self) -> bool:
-        return self._inference_idle
-
-    def _look_again(self) -> bool:
-        """Whether the idle inference thread stops waiting for raw frames: a frame was decoded
-        meanwhile, or the pipeline was paused or stopped."""
-        return (
-            any(item is not None for item in self._decoded.values())
-            or not self._enabled.is_set()
-            or self._stop.is_set()
-        )
-
-    def _decode_here(self, frame: Frame) -> Decoded | None:
-        """Decode a frame in the inference thread (None: no work; failures are counted)."""
-        self._hold()
-        try:
-            item = self._decode(frame)
-        except Exception:  # noqa: BLE001
-            self._count(frame.camera, "failed")
-            self._release(1)
-            log.exception("decoding a frame of camera %r failed", frame.camera)
-            return None
-        if item is None:
-            self._count(frame.camera, "processed")
-            self._release(1)
-        return item
+    def _holds_decoded(self, camera: str) -> bool:
+        """Whether the camera's decoded slot is full (the decode thread waits for it)."""
+        return self._decoded[camera] is not None
 
     def _freshest(self, item: Decoded) -> Decoded | None:
         """The decoded frame, or the camera's newer raw frame decoded here (None: no work)."""
         newer = self.slots.take_camera(item.camera)
         if newer is None:
             return item
+        self._hold()
         self._count(item.camera, "dropped")  # replaced by a newer frame before inference
         self._release(1)
-        return self._decode_here(newer)
+        try:
+            fresh = self._decode(newer)
+        except Exception:  # noqa: BLE001
+            self._count(newer.camera, "failed")
+            self._release(1)
+            log.exception("decoding a frame of camera %r failed", newer.camera)
+            return None
+        if fresh is None:
+            self._count(newer.camera, "processed")
+            self._release(1)
+        return fresh
 
     def _throttle(self) -> None:
         """Sleep so consecutive passes start at least 1/max_rate_hz apart."""
@@ -267,71 +236,34 @@ class FramePipeline:
                 self._stop.wait(wait)
 
     def _take_batch(self, timeout: float) -> list[Decoded]:
-        """The decoded frame of the camera whose turn it is, and (batching) others of its size.
-
-        With nothing decoded, the thread is idle: it waits on the raw slots itself and decodes
-        the first frame that arrives (unless the decode thread, already at work, delivers one).
-        """
+        """The decoded frame of the camera whose turn it is, and (batching) others of its size."""
         deadline = time.monotonic() + timeout
-        while not self._stop.is_set():
-            with self._cond:
-                batch = self._decoded_batch()
-                if batch:
-                    return batch
-                self._inference_idle = True
-            self.slots.wake()  # the decode thread leaves the slots to this thread
-            try:
-                left = deadline - time.monotonic()
-                frame = self.slots.take(timeout=max(0.0, left), until=self._look_again)
-            finally:
-                with self._cond:
-                    self._inference_idle = False
-                    self._cond.notify_all()  # the decode thread may work ahead again
-            if frame is not None and not self._enabled.is_set():
-                self._count(frame.camera, "dropped")  # paused while it was being taken
-                frame = None
-            if frame is not None:
-                item = self._decode_here(frame)
-                if item is None:
-                    return []
-                with self._cond:
-                    # Taken out of turn: the cameras after it come first next time.
-                    self._next = (self._order.index(item.camera) + 1) % len(self._order)
-                    batch = [item]
+        with self._cond:
+            while not self._stop.is_set():
+                n = len(self._order)
+                for i in range(n):
+                    first = self._decoded[self._order[(self._next + i) % n]]
+                    if first is None:
+                        continue
+                    self._next = (self._next + i + 1) % n
+                    batch = [first]
                     if self.batch:
-                        batch += self._same_size(item)
-                    for other in batch[1:]:
-                        self._decoded[other.camera] = None
+                        shape = getattr(first.image, "shape", None)
+                        batch += [
+                            item
+                            for camera in self._order
+                            if (item := self._decoded[camera]) is not None
+                            and item is not first
+                            and getattr(item.image, "shape", None) == shape
+                        ]
+                    for item in batch:
+                        self._decoded[item.camera] = None
                     return batch
-            if time.monotonic() >= deadline:
-                return []
-        return []
-
-    def _decoded_batch(self) -> list[Decoded]:
-        """Under the lock: take the turn's decoded frame and (batching) others of its size."""
-        n = len(self._order)
-        for i in range(n):
-            first = self._decoded[self._order[(self._next + i) % n]]
-            if first is None:
-                continue
-            self._next = (self._next + i + 1) % n
-            batch = [first] + (self._same_size(first) if self.batch else [])
-            for item in batch:
-                self._decoded[item.camera] = None
-            return batch
-        return []
-
-    def _same_size(self, first: Decoded) -> list[Decoded]:
-        """Other cameras' decoded frames of the same shape as `first` (under the lock)."""
-        shape = getattr(first.image, "shape", None)
-        return [
-            item
-            for camera in self._order
-            if (item := self._decoded[camera]) is not None
-            and item is not first
-            and camera != first.camera
-            and getattr(item.image, "shape", None) == shape
-        ]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cond.wait(left)
+            return []
 
     def _mark_taken(self, batch: list[Decoded]) -> None:
         """Record the batch's frames as the newest in inference; drop older decoded ones."""

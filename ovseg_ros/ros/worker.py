@@ -63,26 +63,20 @@ class LatestFrameSlots:
             if replaced:
                 stats.dropped += 1
             self._slots[frame.camera] = frame
-            self._cond.notify_all()  # two takers may wait (pipeline: decode and inference)
+            self._cond.notify()
             return replaced
 
     def take(
-        self,
-        timeout: float | None = None,
-        skip: Callable[[str], bool] | None = None,
-        until: Callable[[], bool] | None = None,
+        self, timeout: float | None = None, skip: Callable[[str], bool] | None = None
     ) -> Frame | None:
         """The next waiting frame, cameras served in turn; None on timeout or when closed.
 
         Cameras for which skip(camera) is true are passed over (their frames stay); a change
-        of what skip says is signalled with wake(). With `until`, the wait also ends (None)
-        as soon as until() is true, checked at every wake-up.
+        of what skip says is signalled with wake().
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._closed:
-                if until is not None and until():
-                    return None
                 n = len(self._order)
                 for i in range(n):
                     camera = self._order[(self._next + i) % n]
