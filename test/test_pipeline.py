@@ -365,7 +365,6 @@ def test_each_frame_carries_the_time_of_its_forward_pass():
     assert 50.0 <= times[0] < 500.0
 
 
-
 def test_a_frame_decoded_after_a_newer_one_went_into_inference_is_dropped():
     """Inference takes decoded frame 1 and, looking for a newer raw frame, finds frame 3, while
     the decode thread (woken by the emptied slot) is still decoding frame 2: frame 2, decoded
