@@ -3,9 +3,8 @@
 A node in a robot serves cameras and subscribers (RViz, planners) that live in other processes.
 The bench does the same: NodeSession (bench_node_session.py) hosts the node and starts this file
 as a script, so receiving the outputs (deserialising ~1.5 MB a frame, running an executor) does
-not compete with the node's threads for the GIL, which made the node look 2-3 ms slower than it
-is (measured: building the confidence message 0.9 ms in the node's publish thread with the peer
-in its process, 0.05 ms alone).
+not compete with the node's threads for the GIL (measured: building the confidence message took
+0.9 ms in the node's publish thread with the peer in its process, 0.16 ms with the peer apart).
 
 The peer answers one JSON command per line on stdin with one JSON line on stdout:
 
