@@ -9,6 +9,7 @@ import yaml
 
 from ovseg_ros.engine.config import SegmenterConfig
 from ovseg_ros.engine.methods import describe_methods
+from ovseg_ros.ros import param_table as T
 from ovseg_ros.ros import params as P
 from ovseg_ros.ros.diagnostics import percentile
 from ovseg_ros.ros.node import choose_reliability
@@ -57,16 +58,16 @@ def _yaml_params() -> dict:
 
 def test_yaml_file_is_the_generated_one():
     # Defaults live in the code; the YAML is their published copy and must not drift.
-    assert YAML_FILE.read_text() == P.default_yaml(), (
+    assert YAML_FILE.read_text() == T.default_yaml(), (
         "config/ovseg.yaml is out of date: run "
-        "`.venv/bin/python -m ovseg_ros.ros.params > config/ovseg.yaml`"
+        "`.venv/bin/python -m ovseg_ros.ros.param_table > config/ovseg.yaml`"
     )
 
 
 def test_yaml_holds_every_parameter_with_its_default():
     values = _yaml_params()
-    specs = P.parameter_specs()
-    methods = P.method_parameters()
+    specs = T.parameter_specs()
+    methods = T.method_parameters()
     assert set(values) == {s.name for s in specs} | {m.name for m in methods}
     for spec in specs:
         assert values[spec.name] == spec.default, spec.name
@@ -76,14 +77,14 @@ def test_yaml_holds_every_parameter_with_its_default():
 
 
 def test_every_method_hyper_parameter_is_a_parameter_with_its_published_default():
-    names = {m.name: m for m in P.method_parameters()}
+    names = {m.name: m for m in T.method_parameters()}
     for method in describe_methods():
         for key, default in method["params"].items():
             mp = names.pop(f"method_params.{method['name']}.{key}")
             assert mp.default == default and mp.method == method["name"] and mp.field == key
     assert not names
     # Shared names keep each method's own default (one method_params.logit_scale could not).
-    defaults = {m.name: m.default for m in P.method_parameters()}
+    defaults = {m.name: m.default for m in T.method_parameters()}
     assert defaults["method_params.naclip.logit_scale"] == 40.0
     assert defaults["method_params.clip.logit_scale"] == 100.0
 
@@ -100,7 +101,7 @@ def test_method_overrides_are_the_chosen_methods_changed_values():
 
 
 def test_contract_parameters_are_all_declared():
-    names = {s.name for s in P.parameter_specs()}
+    names = {s.name for s in T.parameter_specs()}
     assert CONTRACT_PARAMETERS <= names, CONTRACT_PARAMETERS - names
 
 
@@ -110,7 +111,7 @@ def test_contract_document_lists_no_parameter_we_miss():
     text = CONTRACT.read_text()
     section = text.split("## Parameters", 1)[1].split("\n## ", 1)[0]
     mentioned = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)?)`", section))
-    names = {s.name for s in P.parameter_specs()}
+    names = {s.name for s in T.parameter_specs()}
     # Values (auto, cpu, ...) are quoted too; keep what looks like a parameter name of ours.
     missing = {m for m in mentioned if ("." in m or m in CONTRACT_PARAMETERS) and m not in names}
     missing -= {"method_params.x"}
@@ -118,7 +119,7 @@ def test_contract_document_lists_no_parameter_we_miss():
 
 
 def test_specs_mirror_engine_config_fields():
-    engine = {s.attr: s for s in P.parameter_specs() if s.owner == "engine"}
+    engine = {s.attr: s for s in T.parameter_specs() if s.owner == "engine"}
     cfg = SegmenterConfig()
     for f in dataclasses.fields(SegmenterConfig):
         if f.name == "method_params":
@@ -129,7 +130,7 @@ def test_specs_mirror_engine_config_fields():
 
 
 def test_spec_kinds_and_constraints():
-    by_name = {s.name: s for s in P.parameter_specs()}
+    by_name = {s.name: s for s in T.parameter_specs()}
     assert by_name["vocabulary"].kind == "string_array"
     assert by_name["cameras"].kind == "string_array"
     assert by_name["input.short_side"].kind == "integer"

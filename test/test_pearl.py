@@ -531,8 +531,9 @@ def test_eval_presets_follow_the_official_configs(tmp_path):
 
 def test_node_parameters_cover_pearl():
     from ovseg_ros.ros import params as P
+    from ovseg_ros.ros.param_table import method_parameters
 
-    names = {mp.name: mp.default for mp in P.method_parameters()}
+    names = {mp.name: mp.default for mp in method_parameters()}
     assert names["method_params.pearl.alpha_kk"] == 0.08
     assert names["method_params.pearl.tlp"] is True
     values = {"method": "pearl", "method_params.pearl.tlp": False, "method_params.pearl.grid": 80}

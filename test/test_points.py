@@ -519,7 +519,7 @@ def test_nav2_example_config_matches_the_node_and_the_layer():
     import yaml
 
     from ovseg_ros.engine.text import parse_vocabulary
-    from ovseg_ros.ros.params import parameter_specs
+    from ovseg_ros.ros.param_table import parameter_specs
 
     config = yaml.safe_load(
         (Path(__file__).resolve().parents[1] / "config" / "nav2_semantic_layer.yaml").read_text()

@@ -68,6 +68,7 @@ from .outputs import (
     PointsOutput,
     scaled_camera_info,
 )
+from .param_table import method_parameters, parameter_specs
 from .pipeline import FramePipeline
 from .reconfigure import Reconfigurer
 from .worker import LatestFrameSlots
@@ -119,8 +120,8 @@ class OvsegNode(
         """
         super().__init__(node_name, **node_kwargs)
         self._logger = self.get_logger()
-        self._specs = {s.name: s for s in P.parameter_specs(managed=self._MANAGED)}
-        self._method_params = P.method_parameters()
+        self._specs = {s.name: s for s in parameter_specs(managed=self._MANAGED)}
+        self._method_params = method_parameters()
         self._declare_parameters()
         self._warn_unknown_parameters()
         self.segmenter: Segmenter | None = None

@@ -1,6 +1,6 @@
 """The node's parameters: declared with values, validated on change, applied off the image path.
 
-A mixin of OvsegNode (node.py): the table of parameters is params.py; here they become rclpy
+A mixin of OvsegNode (node.py): the table of parameters is param_table.py; here they become rclpy
 parameters (descriptors, ranges, every one with a value), a change is checked before it is
 accepted (a rejection carries a short reason), cheap changes apply at once and vocabulary or
 method changes are queued on the reconfiguration thread (reconfigure.py).
@@ -61,7 +61,7 @@ class ParameterHandling:
     """Parameter declaration, validation and application for OvsegNode."""
 
     def _declare_parameters(self) -> None:
-        """Declare every parameter of params.py and every method hyper-parameter, with values."""
+        """Declare each parameter of param_table.py and each method hyper-parameter, with values."""
         kinds = {
             "string": ParameterType.PARAMETER_STRING,
             "integer": ParameterType.PARAMETER_INTEGER,

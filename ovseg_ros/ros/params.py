@@ -1,11 +1,13 @@
-"""The node's parameters: one table built from the engine's SegmenterConfig plus the node's own.
+"""The node's options: the ROS layer's dataclasses, their validation, values -> config.
 
-Every parameter the node declares comes from here, with its type, description, range and whether
-it can change while the node runs. `config/ovseg.yaml` holds the same names with the same default
-values; `default_yaml()` writes that file and a test keeps the two equal, so a default lives in
-exactly one place (the dataclasses below and SegmenterConfig) and the YAML is its published copy.
+NodeOptions (topics, QoS, outputs, depth) and LifecycleOptions (ovseg_lifecycle_node only) carry,
+like the engine's SegmenterConfig, each parameter's key, help, range and run-time flag in their
+field metadata; `option_fields()` lists those fields with their owner. `split_values()` turns ROS
+parameter values into a validated SegmenterConfig and NodeOptions (method_params.<method>.* via
+`method_overrides()`), `check_node_options()` validates a changed NodeOptions.
 
-No rclpy here: the node turns `ParamSpec` into ParameterDescriptors.
+The parameter table built from these fields (ParamSpec, method hyper-parameters) and its
+published copy config/ovseg.yaml are param_table.py's. No rclpy here.
 """
 
 from __future__ import annotations
@@ -233,87 +235,22 @@ class LifecycleOptions:
     )
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One ROS parameter: name, default, kind, description, constraints, where it goes."""
+def option_fields(managed: bool = False) -> list[tuple[str, dataclasses.Field]]:
+    """Every dataclass field that is one ROS parameter, with its owner, engine fields first.
 
-    name: str
-    default: Any
-    kind: str  # "string", "integer", "double", "bool", "string_array"
-    description: str
-    choices: tuple[str, ...]
-    lo: float | None
-    hi: float | None
-    runtime: bool
-    owner: str  # "engine" (SegmenterConfig) or "node" (NodeOptions)
-    attr: str  # the dataclass field name
-
-    @property
-    def read_only(self) -> bool:
-        """Whether the parameter is fixed once the node has started."""
-        return not self.runtime
-
-    def constraints(self) -> str:
-        """Human summary of what values are allowed (for the descriptor)."""
-        parts = []
-        if self.choices:
-            parts.append("one of: " + ", ".join(self.choices))
-        if self.lo is not None:
-            parts.append(f"range [{self.lo:g}, {self.hi:g}]")
-        parts.append("run time" if self.runtime else "read-only: set at start-up")
-        return "; ".join(parts)
-
-
-def _kind(value: Any, annotation: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "double"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "string_array"
-    raise TypeError(f"no ROS parameter kind for {annotation!r}")
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
-
-
-def parameter_specs(managed: bool = False) -> list[ParamSpec]:
-    """Every node parameter, engine fields first; method_params is handled separately.
-
-    `managed`: also the lifecycle.* parameters of ovseg_lifecycle_node (owner "lifecycle").
+    Owners: "engine" (SegmenterConfig), "node" (NodeOptions) and, when `managed`, "lifecycle"
+    (LifecycleOptions, ovseg_lifecycle_node's lifecycle.*). SegmenterConfig.method_params is left
+    out: a dict, one parameter per hyper-parameter (see method_param_name()).
     """
-    specs: list[ParamSpec] = []
     sources = [("engine", parameter_fields()), ("node", list(dataclasses.fields(NodeOptions)))]
     if managed:
         sources.append(("lifecycle", list(dataclasses.fields(LifecycleOptions))))
-    for owner, fields in sources:
-        for f in fields:
-            meta = f.metadata
-            if meta["key"] == "method_params":
-                continue  # a dict: one parameter per hyper-parameter, see method_param_name()
-            default = _default(f)
-            specs.append(
-                ParamSpec(
-                    name=meta["key"],
-                    default=default,
-                    kind=_kind(default, f.type),
-                    description=meta["help"],
-                    choices=tuple(meta["choices"]),
-                    lo=meta["lo"],
-                    hi=meta["hi"],
-                    runtime=bool(meta["runtime"]),
-                    owner=owner,
-                    attr=f.name,
-                )
-            )
-    return specs
+    return [
+        (owner, f)
+        for owner, fields in sources
+        for f in fields
+        if f.metadata["key"] != "method_params"
+    ]
 
 
 METHOD_PARAMS_PREFIX = "method_params."
@@ -324,43 +261,22 @@ def method_param_name(method: str, hyper_parameter: str) -> str:
     return f"{METHOD_PARAMS_PREFIX}{method}.{hyper_parameter}"
 
 
-@dataclass(frozen=True)
-class MethodParam:
-    """One method hyper-parameter as a ROS parameter: its value is the published default."""
-
-    name: str  # method_params.<method>.<field>
-    method: str
-    field: str
-    default: Any
-    description: str
-
-
-def method_parameters() -> list[MethodParam]:
-    """Every registered method's hyper-parameters, as ROS parameters with their defaults."""
+def _method_defaults(method: str) -> dict[str, Any]:
+    """The published defaults of `method`'s hyper-parameters ({} for an unknown method)."""
     from ..engine.methods import describe_methods
 
-    out = []
-    for method in describe_methods():
-        for key, default in method["params"].items():
-            out.append(
-                MethodParam(
-                    name=method_param_name(method["name"], key),
-                    method=method["name"],
-                    field=key,
-                    default=default,
-                    description=(
-                        f"{method['name']} hyper-parameter {key!r} (published default "
-                        f"{default!r}); used while method is {method['name']}"
-                    ),
-                )
-            )
-    return out
+    return {
+        key: default
+        for described in describe_methods()
+        if described["name"] == method
+        for key, default in described["params"].items()
+    }
 
 
 def method_overrides(values: dict[str, Any], method: str) -> dict[str, Any]:
     """The hyper-parameters of `method` among parameter values that differ from its defaults."""
     prefix = f"{METHOD_PARAMS_PREFIX}{method}."
-    defaults = {mp.field: mp.default for mp in method_parameters() if mp.method == method}
+    defaults = _method_defaults(method)
     return {
         key[len(prefix) :]: value
         for key, value in values.items()
@@ -379,22 +295,23 @@ def split_values(values: dict[str, Any]) -> tuple[SegmenterConfig, NodeOptions]:
     """
     engine: dict[str, Any] = {}
     node: dict[str, Any] = {}
-    by_name = {s.name: s for s in parameter_specs()}
+    by_name = {f.metadata["key"]: (owner, f.name) for owner, f in option_fields()}
     method = values.get("method", SegmenterConfig().method)
     for key, value in method_overrides(values, method).items():
         engine[f"{METHOD_PARAMS_PREFIX}{key}"] = value
     for name, value in values.items():
         if name.startswith(METHOD_PARAMS_PREFIX):
             continue
-        spec = by_name.get(name)
-        if spec is None and name.startswith(LIFECYCLE_PREFIX):
+        where = by_name.get(name)
+        if where is None and name.startswith(LIFECYCLE_PREFIX):
             continue  # the managed node's own (lifecycle_options)
-        if spec is None:
+        if where is None:
             raise ValueError(f"unknown parameter {name!r}")
-        if spec.owner == "engine":
+        owner, attr = where
+        if owner == "engine":
             engine[name] = value
         else:
-            node[spec.attr] = value
+            node[attr] = value
     cfg = SegmenterConfig.from_params(engine)
     options = NodeOptions(**node)
     check_node_options(options)
@@ -427,73 +344,3 @@ def camera_name_ok(name: str) -> bool:
     if not name or name[0].isdigit() or name[0] == "/" or name.endswith("/") or "//" in name:
         return False
     return all(c.isalnum() or c in "_/" for c in name) and name.isascii()
-
-
-def _yaml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
-
-
-def _wrap(text: str, width: int = 96) -> list[str]:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}" if line else word
-    if line:
-        lines.append(line)
-    return lines
-
-
-YAML_HEADER = """\
-# ovseg_ros node parameters: every parameter the node declares, with its default value.
-# Generated from the code (ovseg_ros/ros/params.py + the engine's SegmenterConfig) by
-#   .venv/bin/python -m ovseg_ros.ros.params > config/ovseg.yaml
-# and checked against it by test/test_params.py, so this file and the node never disagree.
-# Copy it, change what you need, and pass it with
-#   ros2 run ovseg_ros ovseg_node --ros-args --params-file my_ovseg.yaml
-# Parameters marked [run time] can also be changed while the node runs (ros2 param set);
-# [read-only] ones are fixed at start-up.
-#
-# Method hyper-parameters are method_params.<method>.<name> (listed at the end with their
-# published defaults), e.g. method_params.naclip.sigma: 5.0 is NACLIP's Gaussian window; each
-# applies while its method is in use. `ovseg methods` explains them.
-"""
-
-
-def default_yaml() -> str:
-    """The text of config/ovseg.yaml: all parameters with their defaults and descriptions."""
-    lines = [YAML_HEADER, "/**:", "  ros__parameters:"]
-    for spec in parameter_specs():
-        lines.append("")
-        for part in _wrap(spec.description):
-            lines.append(f"    # {part}")
-        lines.append(f"    # [{spec.constraints()}]")
-        if spec.kind == "string_array":
-            if not spec.default:
-                lines.append(f"    {spec.name}: []")
-            else:
-                lines.append(f"    {spec.name}:")
-                lines.extend(f"      - {_yaml_scalar(v)}" for v in spec.default)
-        else:
-            lines.append(f"    {spec.name}: {_yaml_scalar(spec.default)}")
-    lines += ["", "    # --- method hyper-parameters (published defaults; [run time]) ---"]
-    method = ""
-    for mp in method_parameters():
-        if mp.method != method:
-            method = mp.method
-            lines += ["", f"    # {method}"]
-        lines.append(f"    {mp.name}: {_yaml_scalar(mp.default)}")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(default_yaml(), end="")
