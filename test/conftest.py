@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ovseg_ros.engine import Backbone, Segmenter, SegmenterConfig, build_backbone
-from ovseg_ros.engine.backbone import _open_clip
+from ovseg_ros.engine.clip_loading import _open_clip
 
 torch.set_num_threads(2)
 

@@ -1,5 +1,7 @@
 """Backbone: positional-embedding interpolation, the dense runner vs open_clip, devices, loading.
 
+Loading is clip_loading.py (devices, open_clip, the hub) and clip_weights.py (weights files).
+
 Positional tables are checked against float64 loops of the official sampling (pos_reference.py).
 The runner is validated against open_clip itself: at the native input size, embed() must equal
 `visual._embeds` and running every block then ln_post[CLS] @ proj must equal `encode_image`.
@@ -20,15 +22,15 @@ import torch.nn.functional as F
 from conftest import build_tiny
 from pos_reference import bilinear_size, official_table
 
-from ovseg_ros.engine import ModelLoadError, Segmenter, SegmenterConfig, build_backbone
-from ovseg_ros.engine import backbone as backbone_lib
-from ovseg_ros.engine.backbone import (
-    _open_clip,
-    load_clip,
-    resolve_device,
-    resolve_dtype,
-    tag_quick_gelu,
+from ovseg_ros.engine import (
+    ModelLoadError,
+    Segmenter,
+    SegmenterConfig,
+    build_backbone,
+    clip_loading,
 )
+from ovseg_ros.engine.clip_loading import _open_clip, load_clip, resolve_device, resolve_dtype
+from ovseg_ros.engine.clip_weights import tag_quick_gelu
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -507,7 +509,7 @@ def test_pretrained_tag_builds_its_activation(
         return act_models["ovseg-test-act"]  # no download
 
     monkeypatch.setattr(open_clip, "create_model", create_model)
-    monkeypatch.setattr(backbone_lib, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(clip_loading, "_hub_reachable", lambda timeout=3.0: False)
     with caplog.at_level(logging.INFO, logger="ovseg_ros.engine"):
         _, source = load_clip(name, tag)
     assert calls == [(arch, tag, force)]

@@ -26,7 +26,9 @@ from pos_reference import official_table
 
 from ovseg_ros.engine import Segmenter, SegmenterConfig, available_methods, create_method
 from ovseg_ros.engine import fgc as fgc_lib
-from ovseg_ros.engine.backbone import Backbone, ModelLoadError, _open_clip
+from ovseg_ros.engine.backbone import Backbone
+from ovseg_ros.engine.clip_loading import _open_clip
+from ovseg_ros.engine.clip_weights import ModelLoadError
 from ovseg_ros.engine.inference import resized_shape
 from ovseg_ros.engine.methods import cliper as cliper_lib
 from ovseg_ros.engine.methods import describe_methods, make_params

@@ -23,7 +23,7 @@ from pos_reference import official_table
 
 from ovseg_ros import cli
 from ovseg_ros.engine import Backbone, ModelLoadError, Segmenter, SegmenterConfig, create_method
-from ovseg_ros.engine.backbone import _open_clip
+from ovseg_ros.engine.clip_loading import _open_clip
 from ovseg_ros.engine.methods import available_methods, proxyclip
 from ovseg_ros.engine.methods.proxyclip import centred_padding, proxy_attention, resize_values
 from ovseg_ros.engine.vfm import VFM_SPECS, VFMSpec, load_vfm, register_vfm

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import Segmenter, SegmenterConfig
-from ..engine.backbone import resolve_device, resolve_dtype
+from ..engine.clip_loading import resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)

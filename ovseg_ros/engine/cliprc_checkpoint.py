@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .backbone import ModelLoadError
+from .clip_weights import ModelLoadError
 from .cliprc_net import CLIPRCArch, CLIPRCNet
 
 log = logging.getLogger("ovseg_ros.engine")

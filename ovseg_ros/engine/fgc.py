@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import ModelLoadError, _hub_reachable
+from .clip_loading import _hub_reachable
+from .clip_weights import ModelLoadError
 
 log = logging.getLogger("ovseg_ros.engine")
 

@@ -47,7 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import POS_STYLES, ModelLoadError, _offline_unless_reachable, resample_positions
+from .backbone import POS_STYLES, resample_positions
+from .clip_loading import _offline_unless_reachable
+from .clip_weights import ModelLoadError
 
 log = logging.getLogger("ovseg_ros.engine")
 

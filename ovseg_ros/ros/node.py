@@ -40,7 +40,7 @@ from sensor_msgs.msg import Image
 from std_srvs.srv import SetBool
 
 from ..engine import Segmenter
-from ..engine.backbone import ModelLoadError
+from ..engine.clip_weights import ModelLoadError
 from ..engine.memory import free_memory
 from ..engine.text import Vocabulary
 from . import classmap

@@ -55,7 +55,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..backbone import Backbone, ModelLoadError
+from ..backbone import Backbone
+from ..clip_weights import ModelLoadError
 from ..cliprc_checkpoint import (
     CALIBRATION,
     DATASET_TEMPLATES,

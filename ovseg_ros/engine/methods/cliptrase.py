@@ -48,7 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbone import Backbone, ModelLoadError
+from ..backbone import Backbone
+from ..clip_weights import ModelLoadError
 from ..text import Vocabulary
 from .base import register
 from .last_block import LastBlockMethod, LastBlockParams, softmax_scores
