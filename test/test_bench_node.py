@@ -4,7 +4,7 @@ time and streaming at 30 Hz."""
 import json
 
 import pytest
-from rosutil import next_domain_id
+from rosutil import next_domain_id, ros_context, spin_until
 
 from ovseg_ros.engine import SegmenterConfig
 from ovseg_ros.ros.bench_node import (
@@ -47,10 +47,75 @@ def test_node_bench_reports_engine_and_node_latency(tiny_backbone, monkeypatch):
     assert result["overhead_besides_overlay_ms_p50"] == pytest.approx(
         result["overhead_ms_p50"] - result["overlay_ms"]["p50"]
     )
+    # The floor: the same traffic through a relay node, in the same run.
+    assert result["relay_floor_ms"]["p50"] > 0
+    floor = result["relay_floor_ms"]["p50"]
+    assert result["own_work_ms_p50"] == pytest.approx(result["overhead_ms_p50"] - floor)
+    assert result["own_work_besides_overlay_ms_p50"] == pytest.approx(
+        result["overhead_besides_overlay_ms_p50"] - floor
+    )
     assert result["stream"] is None  # no streaming phase asked for
     table = format_node_bench(result)
     assert "Node overhead over the engine: x" in table and "~/overlay" in table
     assert "Of that, the overlay with its legend" in table
+    assert "DDS and rclpy alone for the same messages" in table
+
+
+def test_the_floor_relay_answers_a_frame_with_output_sized_messages():
+    """bench_relay: every output back at once, with the node's encodings, sizes and header."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from ovseg_ros.ros.bench_relay import Relay, relayable
+
+    assert relayable(("labels", "confidence", "overlay")) and not relayable(("masks",))
+    with pytest.raises(ValueError, match="stands for"):
+        Relay(None, "x", (4, 4), ("labels", "points"))
+    with ros_context(next_domain_id()) as context:
+        relay = Relay(context, "floor_test", (48, 64), ("labels", "confidence", "overlay"))
+        peer = Node("floor_peer", context=context)
+        qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+        got: dict[str, Image] = {}
+        for topic in relay.topics:
+            peer.create_subscription(Image, topic, lambda m, t=topic: got.setdefault(t, m), qos)
+        camera = peer.create_publisher(Image, relay.input, qos)
+        executor = SingleThreadedExecutor(context=context)
+        for node in (relay.node, peer):
+            executor.add_node(node)
+        try:
+            assert spin_until(executor, lambda: camera.get_subscription_count() == 1, timeout=15)
+            assert spin_until(
+                executor,
+                lambda: all(relay.node.count_subscribers(t) == 1 for t in relay.topics),
+                timeout=15,
+            )
+            frame = Image(height=48, width=64, encoding="rgb8", step=192)
+            frame.data = bytes(48 * 64 * 3)
+            frame.header.frame_id = "cam"
+            frame.header.stamp.sec, frame.header.stamp.nanosec = 12, 345
+            camera.publish(frame)
+            assert spin_until(executor, lambda: len(got) == 3, timeout=15)
+        finally:
+            executor.shutdown()
+            relay.destroy()
+            peer.destroy_node()
+    assert relay.relayed == 1
+    shapes = {
+        t.rsplit("/", 1)[1]: (m.encoding, m.width, m.height, len(m.data)) for t, m in got.items()
+    }
+    assert shapes == {
+        "labels": ("mono8", 64, 48, 64 * 48),
+        "confidence": ("mono8", 64, 48, 64 * 48),
+        "overlay": ("rgb8", 64, 48, 64 * 48 * 3),
+    }
+    for msg in got.values():
+        assert (msg.header.frame_id, msg.header.stamp.sec, msg.header.stamp.nanosec) == (
+            "cam",
+            12,
+            345,
+        )
 
 
 def test_node_stream_reports_rates_and_drops_that_add_up(tiny_backbone, monkeypatch, tmp_path):
@@ -165,6 +230,7 @@ def test_node_bench_against_a_revision_runs_both_in_one_run(monkeypatch):
         assert all(st["outputs_complete"] >= 1 for st in row["streams"])
     table = format_node_against(result)
     assert "| stream, 2 cameras: output Hz |" in table and "after / before" in table
+    assert "| DDS + rclpy floor (relay) p50 ms |" in table  # both rows, REV's too
 
 
 def test_a_stand_in_engine_leaves_the_nodes_own_work(tiny_backbone, monkeypatch):

@@ -7,7 +7,10 @@ the cameras and the outputs' subscribers, bench_peer.py). Phases:
   through the node (published on `image` by a peer node, received back on each subscribed output),
   so that both see the same machine load. A frame is sent only after the previous one came back:
   per-frame latency without queueing. The difference of the medians is the node's overhead over
-  the engine (decode, copies, overlay, masks, messages, DDS) in the same run.
+  the engine (decode, copies, overlay, masks, messages, DDS) in the same run. Each frame also
+  goes through a relay node that answers with prebuilt messages of the outputs' sizes
+  (bench_relay.py): the floor any rclpy node pays for that traffic; the overhead above it is the
+  node's own work.
 * streaming: the peer publishes frames at `rate` Hz for `duration` seconds regardless of the
   node, as a camera does. Reported: the input rate achieved, the output rate (and its ratio to
   the bare engine's rate, 1 / its median time), the end-to-end latency (input stamp -> arrival
@@ -52,10 +55,17 @@ def alternating_figures(samples: dict[str, Any]) -> dict[str, Any]:
     measured = bool(samples["engine"])
     overlay = _stats(samples.get("overlay", []))
     overhead = e2e["p50"] - engine["p50"] if measured else None
+    besides = overhead - overlay["p50"] if overhead is not None and samples.get("overlay") else None
+    floor = _stats(samples.get("relay", []))
+    has_floor = bool(samples.get("relay"))
     return {
         "overlay_ms": overlay,
-        "overhead_besides_overlay_ms_p50": (
-            overhead - overlay["p50"] if overhead is not None and samples.get("overlay") else None
+        "overhead_besides_overlay_ms_p50": besides,
+        # DDS + rclpy alone for the same messages (the relay), and the node's work above that.
+        "relay_floor_ms": floor if has_floor else None,
+        "own_work_ms_p50": overhead - floor["p50"] if has_floor and measured else None,
+        "own_work_besides_overlay_ms_p50": (
+            besides - floor["p50"] if has_floor and besides is not None else None
         ),
         "frames": len(samples["engine"]),
         "engine_ms": engine,
@@ -177,6 +187,17 @@ def format_node_bench(result: dict[str, Any]) -> str:
             f"Of that, the overlay with its legend (drawn alone, same frames): "
             f"{result['overlay_ms']['p50']:.1f} ms; the rest (decode, hand-offs, other "
             f"outputs, DDS both ways): {result['overhead_besides_overlay_ms_p50']:+.1f} ms"
+        )
+    if result.get("own_work_ms_p50") is not None:
+        lines.append(
+            f"DDS and rclpy alone for the same messages (a relay node answering each frame with "
+            f"prebuilt outputs, same run): {result['relay_floor_ms']['p50']:.1f} ms p50; the "
+            f"node's own work above that floor: {result['own_work_ms_p50']:+.1f} ms"
+            + (
+                f", {result['own_work_besides_overlay_ms_p50']:+.1f} ms besides the overlay"
+                if result.get("own_work_besides_overlay_ms_p50") is not None
+                else ""
+            )
         )
     if result.get("engine_rate_hz"):
         lines.append(f"Bare engine rate: {result['engine_rate_hz']:.2f} Hz (1 / median)")
@@ -416,7 +437,8 @@ def run_node_against(
 
 def format_node_against(result: dict[str, Any]) -> str:
     """Markdown: the two checkouts' node figures side by side, and after / before."""
-    before, after = result["rows"]
+    rows = result["rows"]
+    before, after = rows
     lines = [
         f"Node bench, this checkout against {result['revision']}, {result['size']}, "
         f"{result['rounds']} interleaved rounds per phase (one run)"
@@ -439,6 +461,12 @@ def format_node_against(result: dict[str, Any]) -> str:
         before["overhead_besides_overlay_ms_p50"],
         after["overhead_besides_overlay_ms_p50"],
     )
+    if before.get("relay_floor_ms") and after.get("relay_floor_ms"):
+        row("DDS + rclpy floor (relay) p50 ms", *(r["relay_floor_ms"]["p50"] for r in rows))
+        row(
+            "node's own work above the floor, besides the overlay, ms",
+            *(r["own_work_besides_overlay_ms_p50"] for r in rows),
+        )
     for i, st in enumerate(before["streams"]):
         other = after["streams"][i]
         what = f"{st['cameras']} camera{'s' if st['cameras'] > 1 else ''}"

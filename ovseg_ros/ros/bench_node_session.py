@@ -14,7 +14,9 @@ process would compete with the node's threads for the GIL.
 Phases:
 * alternate(frames): per frame, the bare Segmenter.segment is timed, then the same frame goes
   through the node (published by the peer, received back on every output) before the next one:
-  latency without queueing, engine and node under the same machine load.
+  latency without queueing, engine and node under the same machine load. Then through a relay
+  node (bench_relay.py) that answers with prebuilt messages of the outputs' sizes: the DDS and
+  rclpy floor of that traffic, so the node's own work shows apart.
 * stream(duration, rate, cameras): the peer publishes at `rate` Hz to each of `cameras` cameras
   of one node, regardless of the node, as cameras do; arrivals are matched to frames by stamp.
 """
@@ -112,6 +114,7 @@ class NodeSession:
         self._spinner.start()
         self._peer = self._start_peer()
         self._nodes: dict[int, tuple[Any, list[list[str]]]] = {}
+        self._relay: Any = None  # bench_relay.Relay, made on first use (False: not for these)
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -210,6 +213,20 @@ class NodeSession:
         self._nodes[cameras] = (node, topics)
         return self._nodes[cameras]
 
+    def relay(self) -> Any:
+        """The floor's relay node (bench_relay.py, loaded by its path: REV's package may lack
+        it), made on first use; None when it cannot stand for these outputs."""
+        if self._relay is None:
+            import importlib.util
+            from pathlib import Path
+
+            path = Path(__file__).resolve().with_name("bench_relay.py")
+            spec = importlib.util.spec_from_file_location("ovseg_bench_relay", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            self._relay = module.start(self) or False
+        return self._relay or None
+
     def close(self) -> None:
         """End the peer, destroy the nodes and end the context."""
         try:
@@ -220,6 +237,9 @@ class NodeSession:
         for node, _ in self._nodes.values():
             self.executor.remove_node(node)
             node.destroy_node()
+        if self._relay:
+            self.executor.remove_node(self._relay.node)
+            self._relay.destroy()
         self.executor.shutdown()
         self.context.try_shutdown()
         self._spinner.join(10)
@@ -261,9 +281,11 @@ class NodeSession:
         from ovseg_ros.viz import class_colors, overlay
 
         node, topics = self.node(1)
+        relay = self.relay()
         images = bench_frames(self.size, FRAMES)
         self.prepare(images)
         samples: dict[str, Any] = {"engine": [], "end_to_end": [], "overlay": [], "outputs": {}}
+        samples["relay"] = []
         samples["outputs"] = {o: [] for o in self.outputs}
         for i in range(frames + warmup):
             rgb = images[i % FRAMES]
@@ -277,8 +299,11 @@ class NodeSession:
             overlay(rgb, result.labels, class_colors(max(len(names), 1)), 0.5, names)
             overlay_ms = (time.perf_counter() - t0) * 1e3
             got = self.ask("one", key=node.get_name(), camera=0, frame=i, timeout=self.timeout)
+            floor = relay and self.ask("one", key="floor", camera=0, frame=i, timeout=self.timeout)
             if i < warmup:
                 continue  # caches, first allocations
+            if floor:
+                samples["relay"].append(max(floor["outputs"]))
             samples["engine"].append(engine_ms)
             samples["overlay"].append(overlay_ms)
             for o, ms in zip(self.outputs, got["outputs"], strict=True):
