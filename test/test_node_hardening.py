@@ -23,7 +23,7 @@ from std_msgs.msg import String
 
 from ovseg_ros.engine.text import MAX_CLASSES
 from ovseg_ros.ros import diagnostics as D
-from ovseg_ros.ros import node_classmap
+from ovseg_ros.ros import node_classmap, node_inputs
 from ovseg_ros.ros.classmap import ClassMapHistory, stamp_from_dict, stamp_ns
 from ovseg_ros.ros.decode import REJECTION_KINDS, msg_to_array
 from ovseg_ros.ros.encode import rgb_to_msg
@@ -350,6 +350,44 @@ def test_input_qos_switch_loses_no_frame(harness, tiny_backbone):
     received, switched_at = _through_a_qos_switch(harness(backbone=tiny_backbone), True)
     assert not _lost_since(received, switched_at)
     assert len(received) == len(set(received))  # during the overlap no frame came in twice
+
+
+def test_a_qos_switch_keeps_the_old_subscription_until_a_frame_came_on_both(
+    harness, tiny_backbone, monkeypatch
+):
+    """The overlap itself. In one process the new subscription matches at once, so a switch
+    without overlap loses nothing here (across processes it does: the publisher matches the new
+    reader later); what is checked is the rule: the old subscription stays until a frame arrived
+    on both (taken once), or the grace after the match, or the time limit."""
+    # Only a frame seen on both may end the overlap here, not the grace or the limit (a loaded
+    # machine could reach them before the frame is through).
+    monkeypatch.setattr(node_inputs, "QOS_SWITCH_GRACE", 600.0)
+    monkeypatch.setattr(node_inputs, "QOS_SWITCH_SECONDS", 600.0)
+    h = harness(backbone=tiny_backbone)
+    cam = h.node.cameras[""]
+    old = cam.image_sub
+    h.node._subscribe(cam, ReliabilityPolicy.RELIABLE)  # as the 1 s input.qos auto check does
+    assert cam.old_image_sub is old and cam.image_sub is not old
+    h.node._finish_switch(cam)  # nothing seen on both yet, no grace yet
+    assert cam.old_image_sub is old
+    received: list[str] = []
+    put = h.node.slots.put
+
+    def spy(frame):
+        received.append(frame.header.frame_id)
+        return put(frame)
+
+    h.node.slots.put = spy
+    pub = h.publisher("image", qos=QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    assert h.spin_until(lambda: pub.get_subscription_count() == 2, timeout=15)
+    msg = rgb_to_msg(sample_frame(64, 48), None)
+    h.stamp(msg, frame_id="both")
+    pub.publish(msg)
+    assert h.spin_until(lambda: cam.switch_confirmed, timeout=15)
+    h.spin_until(lambda: False, timeout=0.3)  # the second delivery, whichever came last
+    assert received == ["both"]  # taken once, though both subscriptions delivered it
+    h.node._finish_switch(cam)
+    assert cam.old_image_sub is None and cam.image_sub is not old
 
 
 def test_unstamped_frames_all_pass_an_input_qos_switch(harness, tiny_backbone):
