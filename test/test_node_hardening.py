@@ -24,6 +24,7 @@ from std_msgs.msg import String
 from ovseg_ros.engine.text import MAX_CLASSES
 from ovseg_ros.ros import diagnostics as D
 from ovseg_ros.ros import node_classmap, node_inputs
+from ovseg_ros.ros.cdr import parse_image
 from ovseg_ros.ros.classmap import ClassMapHistory, stamp_from_dict, stamp_ns
 from ovseg_ros.ros.decode import REJECTION_KINDS, msg_to_array
 from ovseg_ros.ros.encode import rgb_to_msg
@@ -139,8 +140,10 @@ def test_every_published_label_image_pairs_with_its_class_map_by_stamp(harness, 
     publish_labels = node.cameras[""].publisher("labels").publish
 
     def spy(msg):
-        # Called under the node's output lock, right after the rule admitted the frame.
-        truth[(stamp_ns(msg.header), msg.header.frame_id)] = node._stamps.current.version
+        # Called under the node's output lock, right after the rule admitted the frame; the node
+        # publishes its images serialized.
+        header = parse_image(msg).header
+        truth[(stamp_ns(header), header.frame_id)] = node._stamps.current.version
         publish_labels(msg)
 
     node.cameras[""].publisher("labels").publish = spy

@@ -22,7 +22,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
 from ..engine.segmenter import Result
 from ..viz import class_colors, class_mask, confidence_u8, overlay
-from .encode import header_copy, labels_to_msg, mono8_to_msg, rgb_to_msg
+from .encode import header_copy, labels_to_bytes, mono8_to_bytes, rgb_to_bytes
 from .masks import MaskTopics
 from .params import NodeOptions
 
@@ -84,7 +84,8 @@ class Output:
         return self.enabled(camera, options) and self.publisher.get_subscription_count() > 0
 
     def message(self, frame: SegmentedFrame) -> Any:
-        """The output's message for the frame (None: nothing to publish this time)."""
+        """The output's message for the frame, or its serialized bytes (the Image outputs, see
+        encode.py); None: nothing to publish this time."""
         raise NotImplementedError
 
     def publish(self, frame: SegmentedFrame) -> None:
@@ -103,7 +104,7 @@ class LabelsOutput(Output):
         return options.publish_labels
 
     def message(self, frame: SegmentedFrame) -> Any:
-        return labels_to_msg(frame.result.labels, frame.header)
+        return labels_to_bytes(frame.result.labels, frame.header)
 
 
 class ConfidenceOutput(Output):
@@ -115,7 +116,7 @@ class ConfidenceOutput(Output):
         return options.publish_confidence
 
     def message(self, frame: SegmentedFrame) -> Any:
-        return mono8_to_msg(frame.confidence8, frame.header)
+        return mono8_to_bytes(frame.confidence8, frame.header)
 
 
 class OverlayOutput(Output):
@@ -132,7 +133,7 @@ class OverlayOutput(Output):
         image = overlay(
             frame.rgb, frame.result.labels, colors, frame.options.overlay_alpha, vocab.names
         )
-        return rgb_to_msg(image, frame.header)
+        return rgb_to_bytes(image, frame.header)
 
 
 class CameraInfoOutput(Output):
@@ -199,7 +200,7 @@ class MasksOutput:
         name = frame.camera.name
         targets = self._masks.targets(name, self._ids_of(frame.result.vocabulary))
         labels, header = frame.result.labels, frame.header
-        messages = [(pub, mono8_to_msg(class_mask(labels, cid), header)) for cid, pub in targets]
+        messages = [(pub, mono8_to_bytes(class_mask(labels, cid), header)) for cid, pub in targets]
         self._masks.publish(name, messages)
 
 
