@@ -21,27 +21,17 @@ The peer answers one JSON command per line on stdin with one JSON line on stdout
 
 Stamps and arrivals are wall-clock times of this machine, so latencies are the same across the
 two processes. Frames are bench_frames(size) (the same images the session prepared).
-
-Frames go out and outputs come in serialized (cdr.py), as a camera driver or RViz in C++ sends
-and takes them: the peer's own Python conversions (about 0.3 ms for a 640x480 rgb8 message each
-way) are not the node's cost. A frame is stamped in place in its serialized bytes; an arrival is
-matched by the stamp read from the output's bytes (the first field after the CDR header).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
-
-#: header.stamp (sec, nanosec) of a little-endian serialized Image, 4 bytes in (after the CDR
-#: encapsulation header).
-_STAMP = struct.Struct("<iI")
 
 
 class Peer:
@@ -55,7 +45,7 @@ class Peer:
         from rclpy.node import Node
 
         from ovseg_ros.ros.bench_node_session import FRAMES, bench_frames
-        from ovseg_ros.ros.encode import rgb_to_bytes
+        from ovseg_ros.ros.encode import rgb_to_msg
 
         self.context = Context()
         rclpy.init(context=self.context, domain_id=int(os.environ["ROS_DOMAIN_ID"]))
@@ -64,7 +54,7 @@ class Peer:
         self.executor.add_node(self.node)
         self.images = bench_frames(size, FRAMES)
         self.frames = FRAMES
-        self._to_bytes = rgb_to_bytes
+        self._to_msg = rgb_to_msg
         self.sets: dict[str, dict[str, Any]] = {}  # key -> publishers, topics, messages, sent
         self.arrivals: dict[str, dict[int, float]] = {}  # output topic -> stamp -> arrival
         # The executor spins all the time, so arrivals are timed when they come, also between
@@ -93,20 +83,19 @@ class Peer:
         return True
 
     @staticmethod
-    def stamp(serialized: bytearray) -> int:
-        """Stamp a serialized Image with the wall clock now; the stamp in ns (the match key)."""
+    def stamp(msg: Any) -> int:
+        """Stamp the message with the wall clock now; return the stamp in ns (the match key)."""
         sent = time.time_ns()
-        _STAMP.pack_into(serialized, 4, *divmod(sent, 10**9))
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(sent, 10**9)
         return sent
 
     def _keeper(self, topic: str) -> Callable[[Any], None]:
         arrivals = self.arrivals.setdefault(topic, {})
 
-        def keep(serialized: bytes) -> None:
+        def keep(msg: Any) -> None:
             arrived = time.time()
-            sec, nanosec = _STAMP.unpack_from(serialized, 4)
             with self._cond:
-                arrivals[sec * 10**9 + nanosec] = arrived
+                arrivals[msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec] = arrived
                 self._cond.notify_all()
 
         return keep
@@ -124,11 +113,11 @@ class Peer:
         reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         pubs = [self.node.create_publisher(Image, topic, reliable) for topic in inputs]
         subs = [
-            self.node.create_subscription(Image, topic, self._keeper(topic), reliable, raw=True)
+            self.node.create_subscription(Image, topic, self._keeper(topic), reliable)
             for per_camera in outputs
             for topic in per_camera
         ]
-        messages = [[bytearray(self._to_bytes(rgb, None)) for rgb in self.images] for _ in pubs]
+        messages = [[self._to_msg(rgb, None) for rgb in self.images] for _ in pubs]
         self.sets[key] = {"pubs": pubs, "topics": outputs, "messages": messages, "sent": []}
         matched = self.spin_until(
             lambda: (
@@ -146,7 +135,7 @@ class Peer:
         s = self.sets[key]
         msg = s["messages"][camera][frame % self.frames]
         stamp = self.stamp(msg)
-        s["pubs"][camera].publish(bytes(msg))
+        s["pubs"][camera].publish(msg)
         topics = s["topics"][camera]
         if not self.spin_until(lambda: self._complete(topics, stamp), timeout):
             raise RuntimeError(f"frame {frame} did not come back within {timeout} s")
@@ -162,7 +151,7 @@ class Peer:
             for cam, pub in enumerate(s["pubs"]):
                 msg = s["messages"][cam][ticks[0] % self.frames]
                 sent.append((cam, self.stamp(msg)))
-                pub.publish(bytes(msg))
+                pub.publish(msg)
             ticks[0] += 1
 
         timer = self.node.create_timer(1.0 / rate, tick)

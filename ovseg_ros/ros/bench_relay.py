@@ -8,31 +8,17 @@ it spins in the session's executor thread, as the node does; the peer process ti
 trip exactly as the node's (bench_peer.py, `one`). So the node's overhead above this floor is the
 node's own work: decoding, the hand-offs between its threads, computing and encoding its outputs.
 
-Like the node, the relay takes the frame serialized and publishes serialized Images (the cheapest
-an rclpy node can do, cdr.py): each output is the frame's serialized header followed by the
-output's prebuilt fields and pixels, one copy of the pixels per message.
-
 bench_node_session.py loads this file by its path (also under `--against REV`, whose package may
 not have it), so it imports nothing from ovseg_ros.
 """
 
 from __future__ import annotations
 
-import struct
+import array
 from typing import Any
 
 #: The node's Image outputs the relay can stand for: (encoding, bytes per pixel).
 ENCODINGS = {"labels": ("mono8", 1), "confidence": ("mono8", 1), "overlay": ("rgb8", 3)}
-
-
-def after_header(height: int, width: int, encoding: str, channels: int) -> bytes:
-    """A serialized little-endian Image's bytes after its header (zero pixels), for a header that
-    ends 4-byte aligned: height, width, encoding, is_bigendian 0, step, data."""
-    name = encoding.encode() + b"\x00"
-    fields = struct.pack("<III", height, width, len(name)) + name + b"\x00"
-    fields += bytes(-len(fields) % 4)
-    size = height * width * channels
-    return fields + struct.pack("<II", width * channels, size) + bytes(size)
 
 
 def relayable(outputs: tuple[str, ...]) -> bool:
@@ -60,18 +46,22 @@ class Relay:
         self.node = Node(name, context=context)
         self.input = f"/{name}_image"
         self.topics = [f"/{name}/{o}" for o in outputs]
-        self._tails = [after_header(height, width, *ENCODINGS[o]) for o in outputs]
+        self._messages = []
+        for output in outputs:
+            encoding, channels = ENCODINGS[output]
+            msg = Image(height=height, width=width, encoding=encoding, step=width * channels)
+            data = array.array("B")
+            data.frombytes(bytes(height * width * channels))
+            msg.data = data  # as the node's encode.py assigns it: no per-byte check
+            self._messages.append(msg)
         self._publishers = [self.node.create_publisher(Image, t, qos) for t in self.topics]
         self.relayed = 0
-        self.node.create_subscription(Image, self.input, self._on_image, qos, raw=True)
+        self.node.create_subscription(Image, self.input, self._on_image, qos)
 
-    def _on_image(self, serialized: bytes) -> None:
-        # The header: CDR header, stamp (8 bytes), frame_id (uint32 length, characters + NUL),
-        # then padding to 4 bytes, where every tail starts.
-        end = 16 + struct.unpack_from("<I", serialized, 12)[0]
-        head = serialized[:end] + bytes(-(end - 4) % 4)
-        for publisher, tail in zip(self._publishers, self._tails, strict=True):
-            publisher.publish(b"".join((head, tail)))
+    def _on_image(self, msg: Any) -> None:
+        for publisher, out in zip(self._publishers, self._messages, strict=True):
+            out.header = msg.header
+            publisher.publish(out)
         self.relayed += 1
 
     def destroy(self) -> None:
