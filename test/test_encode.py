@@ -7,11 +7,19 @@ import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
 from codecutil import random_rgb
+from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from ovseg_ros.ros.decode import image_to_rgb, msg_to_array
-from ovseg_ros.ros.encode import labels_to_msg, mono8_to_msg, rgb_to_msg
+from ovseg_ros.ros.encode import (
+    labels_to_bytes,
+    labels_to_msg,
+    mono8_to_bytes,
+    mono8_to_msg,
+    rgb_to_bytes,
+    rgb_to_msg,
+)
 
 # rosidl_parser (inside the ROS wheels) imports lark, which imports the deprecated sre_* modules.
 pytestmark = pytest.mark.filterwarnings("ignore:module 'sre_:DeprecationWarning")
@@ -118,3 +126,75 @@ def test_output_survives_serialization():
     received = deserialize_message(serialize_message(labels_to_msg(labels, header())), Image)
     np.testing.assert_array_equal(msg_to_array(received), labels)
     assert received.header.frame_id == "camera_optical"
+
+
+# --- serialized (what the node publishes) ------------------------------------------------------
+
+
+def padding_mask(msg: Image) -> np.ndarray:
+    """True at the bytes of serialize_message(msg) that are fields, False at alignment padding
+    (which rclpy leaves as whatever was in memory)."""
+    fields = np.zeros(len(serialize_message(msg)), bool)
+    pos = 4
+
+    def put(size: int, align: int) -> None:
+        nonlocal pos
+        pos += -(pos - 4) % align
+        fields[pos : pos + size] = True
+        pos += size
+
+    put(8, 4)  # stamp
+    put(4 + len(msg.header.frame_id.encode()) + 1, 4)
+    put(8, 4)  # height, width
+    put(4 + len(msg.encoding) + 1, 4)
+    put(1, 1)  # is_bigendian
+    put(4, 4)  # step
+    put(4 + len(msg.data), 4)
+    fields[:4] = True
+    assert pos == len(fields)
+    return fields
+
+
+SERIALIZED = [
+    ("labels", labels_to_msg, labels_to_bytes, np.uint8, ()),
+    ("labels16", labels_to_msg, labels_to_bytes, np.uint16, ()),
+    ("mono8", mono8_to_msg, mono8_to_bytes, np.uint8, ()),
+    ("rgb8", rgb_to_msg, rgb_to_bytes, np.uint8, (3,)),
+]
+
+
+@pytest.mark.parametrize(
+    "name,to_msg,to_bytes,dtype,channels", SERIALIZED, ids=[c[0] for c in SERIALIZED]
+)
+@pytest.mark.parametrize("frame_id", ["", "a", "ab", "abc", "abcd", "camera_color_optical_frame"])
+def test_the_published_bytes_are_rclpys_serialization(
+    name, to_msg, to_bytes, dtype, channels, frame_id
+):
+    """For every alignment of the strings: the bytes are what rclpy would write, padding aside
+    (zeros), and they read back as the same Image and pixels."""
+    rng = np.random.default_rng(len(frame_id))
+    shape = (int(rng.integers(1, 9)), int(rng.integers(1, 9)), *channels)
+    pixels = rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+    head = Header(stamp=Time(sec=-3 if frame_id else 0, nanosec=999_999_999), frame_id=frame_id)
+    msg, ours = to_msg(pixels, head), to_bytes(pixels, head)
+    reference = serialize_message(msg)
+    assert isinstance(ours, bytes) and len(ours) == len(reference)
+    mask = padding_mask(msg)
+    mine, theirs = np.frombuffer(ours, np.uint8), np.frombuffer(reference, np.uint8)
+    assert np.array_equal(mine[mask], theirs[mask])
+    assert not mine[~mask].any()
+    back = deserialize_message(ours, Image)
+    assert back == msg
+    assert np.array_equal(msg_to_array(back), pixels)
+
+
+def test_serialized_outputs_check_their_input_as_the_messages_do():
+    with pytest.raises(ValueError, match="2-D"):
+        mono8_to_bytes(np.zeros((2, 2, 3), np.uint8), None)
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        labels_to_bytes(np.zeros((2, 2), np.int32), None)
+    with pytest.raises(ValueError, match="height x width x 3"):
+        rgb_to_bytes(np.zeros((2, 2), np.uint8), None)
+    assert deserialize_message(mono8_to_bytes(np.ones((1, 2), np.uint8), None), Image).header == (
+        Header()
+    )

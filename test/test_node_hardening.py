@@ -18,13 +18,13 @@ from nodeharness import LATCHED, sample_frame
 from rcl_interfaces.srv import GetParameters, ListParameters
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
 from ovseg_ros.engine.text import MAX_CLASSES
 from ovseg_ros.ros import diagnostics as D
 from ovseg_ros.ros import node_classmap, node_inputs
-from ovseg_ros.ros.cdr import parse_image
 from ovseg_ros.ros.classmap import ClassMapHistory, stamp_from_dict, stamp_ns
 from ovseg_ros.ros.decode import REJECTION_KINDS, msg_to_array
 from ovseg_ros.ros.encode import rgb_to_msg
@@ -142,7 +142,7 @@ def test_every_published_label_image_pairs_with_its_class_map_by_stamp(harness, 
     def spy(msg):
         # Called under the node's output lock, right after the rule admitted the frame; the node
         # publishes its images serialized.
-        header = parse_image(msg).header
+        header = deserialize_message(msg, Image).header
         truth[(stamp_ns(header), header.frame_id)] = node._stamps.current.version
         publish_labels(msg)
 

@@ -86,9 +86,9 @@ def step_breakdown(
     Segmenter._labels (labeling.label_pixels: the logits upsampled to the input and to the frame,
     the softmax over queries, background, thresholds, argmax) and Segmenter._download
     (device->host copy with the per-class statistics). Node steps (pipeline.py, outputs.py):
-    decoding the serialized rgb8 Image (cdr.parse_image, decode.image_to_rgb), confidence to 8
-    bits (viz.confidence_u8), one mask per class (viz.class_mask), the overlay with its legend
-    (viz.overlay) and the serialized output messages (labels, confidence, overlay, masks). The
+    decoding the rgb8 Image (decode.image_to_rgb), confidence to 8 bits (viz.confidence_u8), one
+    mask per class (viz.class_mask), the overlay with its legend (viz.overlay) and the output
+    messages, serialized as the node publishes them (labels, confidence, overlay, masks). The
     frame is a sample photo resized to `size`; each step's figure is the median of `repeats`
     frames after one untimed one.
     """
@@ -101,11 +101,10 @@ def step_breakdown(
     rgb = photo_frames(size, 1)[0]
     notes: list[str] = []
     try:
-        from ..ros.cdr import parse_image
         from ..ros.decode import image_to_rgb
-        from ..ros.encode import labels_to_bytes, mono8_to_bytes, rgb_to_bytes
+        from ..ros.encode import labels_to_bytes, mono8_to_bytes, rgb_to_bytes, rgb_to_msg
 
-        msg = rgb_to_bytes(rgb, None)  # as the node receives it: serialized
+        msg = rgb_to_msg(rgb, None)
     except ImportError as exc:  # no ROS message packages: engine steps only
         msg = None
         notes.append(f"ROS message steps left out ({exc})")
@@ -133,10 +132,7 @@ def step_breakdown(
     def one_frame() -> None:
         frame = rgb
         if msg is not None:
-            frame = timed(
-                "decode serialized Image (cdr.parse_image, decode.image_to_rgb)",
-                lambda: image_to_rgb(parse_image(msg)),
-            )
+            frame = timed("decode Image (decode.image_to_rgb)", lambda: image_to_rgb(msg))
         patch = backbone.patch_size if cfg.mode == "whole" else 0
         image = timed(
             "to tensor + resize",
@@ -179,7 +175,7 @@ def step_breakdown(
             lambda: viz.overlay(frame, labels, colors, alpha, vocab.names),
         )
         if msg is not None:
-            header = parse_image(msg).header
+            header = msg.header
             timed(
                 "messages: labels, confidence, overlay, masks (serialized, encode.*_to_bytes)",
                 lambda: (

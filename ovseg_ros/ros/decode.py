@@ -59,7 +59,6 @@ REJECTION_KINDS: Mapping[str, str] = {
     "unsupported_format": "a CompressedImage is neither jpeg nor png (by format field or bytes)",
     "corrupt": "compressed data with no jpeg / png signature, a bad or cut header, or undecodable",
     "oversize": "more pixels than max_pixels (or OpenCV's limit) allow, and not downscalable",
-    "malformed_message": "the serialized Image is not whole CDR (cut off, a bad string or length)",
 }
 
 #: What image_to_rgb / compressed_to_rgb do with an image over max_pixels.

@@ -4,21 +4,29 @@ Labels are mono8 (uint8) or mono16 (uint16), confidence and masks mono8, the ove
 with is_bigendian 0 and no row padding, and a copy of the input frame's header; as Image messages
 (``*_to_msg``) or serialized (``*_to_bytes``, what the node publishes). ``decode.msg_to_array``
 reads them back.
+
+The node publishes bytes because rclpy hands them to the RMW as they are: the pixels are copied
+once into the CDR bytes, where an Image message costs three copies (into its array.array, into
+the C message, into CDR): 0.04 against 0.33 ms for a 640x480 rgb8 overlay here. The layout is plain
+CDR (XCDR1, little-endian) as every ROS 2 RMW writes it: a 4-byte encapsulation header (0x0001),
+then the fields in order, each primitive aligned to its size counted from the end of that header,
+strings as a uint32 length (with the terminating NUL) and the characters, the data as a uint32
+count and the bytes.
 """
 
 from __future__ import annotations
 
 import array
+import struct
 
 import numpy as np
 from builtin_interfaces.msg import Time
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
-from .cdr import image_bytes
-
 __all__ = [
     "header_copy",
+    "image_bytes",
     "labels_to_bytes",
     "labels_to_msg",
     "mono8_to_bytes",
@@ -65,6 +73,40 @@ def _new_image(
     # Assigned after construction: Image(data=...) copies the buffer once more in __init__.
     msg.data = _to_data(pixels)
     return msg
+
+
+_CDR_LITTLE_ENDIAN = b"\x00\x01\x00\x00"
+
+
+def _cdr_string(text: str, offset: int) -> bytes:
+    """A CDR string at body offset `offset`, with the padding before its length."""
+    raw = text.encode("utf-8") + b"\x00"
+    return bytes(-offset % 4) + struct.pack("<I", len(raw)) + raw
+
+
+def image_bytes(
+    pixels: np.ndarray, encoding: str, header: Header | None, bytes_per_pixel: int
+) -> bytes:
+    """The serialized sensor_msgs/Image of an HxW or HxWxC array (no row padding).
+
+    Byte for byte what rclpy.serialization.serialize_message writes for the same Image, padding
+    aside (zeros here, whatever was in memory there); is_bigendian is 0, so 16-bit pixels must be
+    little-endian already.
+    """
+    sec, nanosec, frame_id = 0, 0, ""
+    if header is not None:
+        sec, nanosec, frame_id = int(header.stamp.sec), int(header.stamp.nanosec), header.frame_id
+    height, width = int(pixels.shape[0]), int(pixels.shape[1])
+    flat = np.ascontiguousarray(pixels).reshape(-1).view(np.uint8)
+    if flat.size >= 2**32:
+        raise ValueError(f"an Image holds less than 4 GiB of pixels, not {flat.size} bytes")
+    body = bytearray(struct.pack("<iI", sec, nanosec))
+    body += _cdr_string(str(frame_id), len(body))
+    body += bytes(-len(body) % 4) + struct.pack("<II", height, width)
+    body += _cdr_string(encoding, len(body))
+    body += b"\x00"  # is_bigendian
+    body += bytes(-len(body) % 4) + struct.pack("<II", width * bytes_per_pixel, flat.size)
+    return b"".join((_CDR_LITTLE_ENDIAN, body, flat))
 
 
 def _check_2d(array_: np.ndarray, what: str) -> None:
@@ -119,8 +161,7 @@ def rgb_to_msg(rgb: np.ndarray, header: Header | None) -> Image:
     return _new_image(*_rgb(rgb)[:2], header, 3)
 
 
-# The same Images serialized (cdr.py): what the node publishes. rclpy passes bytes to the RMW as
-# they are, so the pixels are copied once instead of three times (array.array, C, CDR).
+# The same Images serialized (image_bytes): what the node publishes.
 
 
 def labels_to_bytes(labels: np.ndarray, header: Header | None) -> bytes:

@@ -40,18 +40,14 @@ class FrameStages:
                 oversize=opts.oversize,
             )
         except ImageDecodeError as exc:
-            self._reject_frame(cam, exc)
+            reason = str(exc)
+            if cam.stats.reject(exc.kind, reason):
+                self._logger.error(
+                    f"{cam.label}: frame rejected ({exc.kind}): {D.shorten(reason)} (the next "
+                    f"'{exc.kind}' rejections are counted in /diagnostics, logged every "
+                    f"{D.REJECT_LOG_PERIOD:.0f} s)"
+                )
             return None
-
-    def _reject_frame(self, cam: Camera, exc: ImageDecodeError) -> None:
-        """Count a rejected frame by kind and log it (the first of its kind, then periodically)."""
-        reason = str(exc)
-        if cam.stats.reject(exc.kind, reason):
-            self._logger.error(
-                f"{cam.label}: frame rejected ({exc.kind}): {D.shorten(reason)} (the next "
-                f"'{exc.kind}' rejections are counted in /diagnostics, logged every "
-                f"{D.REJECT_LOG_PERIOD:.0f} s)"
-            )
 
     def _decode_frame(self, frame: Frame) -> Decoded | None:
         """Decode thread: the frame as RGB with the outputs wanted, or None when there is no work.

@@ -17,8 +17,6 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from . import classmap
 from . import diagnostics as D
-from .cdr import parse_image
-from .decode import ImageDecodeError
 from .depth import DepthInput
 from .worker import Frame
 
@@ -107,15 +105,12 @@ class InputHandling:
         cam.switch_started = time.monotonic()
         cam.switch_matched_at = 0.0
         cam.switch_confirmed = False
-        compressed = self._options.transport == "compressed"
-        # Raw images come serialized and are read in place (cdr.py): rclpy would copy the pixels
-        # twice into Python objects first.
+        msg_type = CompressedImage if self._options.transport == "compressed" else Image
         cam.image_sub = self.create_subscription(
-            CompressedImage if compressed else Image,
+            msg_type,
             topic,
             lambda msg, c=cam: self._on_image(c, msg),
             self._input_profile(reliability),
-            raw=not compressed,
             **self._subscription_events(topic),
         )
         cam.reliability = reliability
@@ -252,12 +247,6 @@ class InputHandling:
         """Executor callback: keep the newest frame; nothing heavy here."""
         if not self._worker.enabled:
             return
-        if isinstance(msg, bytes):
-            try:
-                msg = parse_image(msg)
-            except ImageDecodeError as exc:
-                self._reject_frame(cam, exc)
-                return
         if cam.old_image_sub is not None:
             # While an input QoS switch overlaps two subscriptions, a frame arrives twice. Frames
             # without a stamp cannot be told apart: they are all taken (a repeat only replaces
