@@ -198,3 +198,24 @@ def test_outputs_are_json_markdown_and_a_png(tmp_path, no_cuda):
 
     image = cv2.imread(str(paths["png"]))
     assert image is not None and image.shape[0] > 200 and image.shape[1] > 200
+
+
+def test_the_message_bench_times_both_forms_of_every_output(capsys):
+    from ovseg_ros.benchmarks import messages
+
+    rows = messages.measure(sizes=((6, 8),), repeats=3)
+    names = [name for _, name, _, _ in rows]
+    assert names == [
+        "labels (mono8)",
+        "confidence (mono8)",
+        "overlay (rgb8)",
+        "labels + confidence + overlay",
+        f"{messages.CLASSES} masks",
+    ]
+    assert all(size == "8x6" and as_msg > 0 and as_bytes > 0 for size, _, as_msg, as_bytes in rows)
+    assert rows[3][2] == pytest.approx(sum(r[2] for r in rows[:3]))
+    assert messages.main(["--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1280x720 | overlay (rgb8) |" in out and out.count("\n") == 12
+    with pytest.raises(SystemExit):
+        messages.main(["--repeats", "0"])
