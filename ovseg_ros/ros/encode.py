@@ -61,7 +61,7 @@ def _to_data(array_: np.ndarray) -> array.array:
 
 
 def _new_image(
-    pixels: np.ndarray, encoding: str, header: Header | None, bytes_per_pixel: int
+    pixels: np.ndarray, encoding: str, bytes_per_pixel: int, header: Header | None
 ) -> Image:
     msg = Image()
     msg.header = header_copy(header)
@@ -85,7 +85,7 @@ def _cdr_string(text: str, offset: int) -> bytes:
 
 
 def image_bytes(
-    pixels: np.ndarray, encoding: str, header: Header | None, bytes_per_pixel: int
+    pixels: np.ndarray, encoding: str, bytes_per_pixel: int, header: Header | None
 ) -> bytes:
     """The serialized sensor_msgs/Image of an HxW or HxWxC array (no row padding).
 
@@ -147,18 +147,17 @@ def _rgb(rgb: np.ndarray) -> tuple[np.ndarray, str, int]:
 
 def labels_to_msg(labels: np.ndarray, header: Header | None) -> Image:
     """Encode an HxW label map as mono8 (uint8) or mono16 (uint16, little-endian) Image."""
-    pixels, encoding, bpp = _labels(labels)
-    return _new_image(pixels, encoding, header, bpp)
+    return _new_image(*_labels(labels), header)
 
 
 def mono8_to_msg(array_: np.ndarray, header: Header | None) -> Image:
     """Encode an HxW uint8 array (confidence, mask) as a mono8 Image."""
-    return _new_image(*_mono8(array_)[:2], header, 1)
+    return _new_image(*_mono8(array_), header)
 
 
 def rgb_to_msg(rgb: np.ndarray, header: Header | None) -> Image:
     """Encode an HxWx3 uint8 RGB array as an rgb8 Image."""
-    return _new_image(*_rgb(rgb)[:2], header, 3)
+    return _new_image(*_rgb(rgb), header)
 
 
 # The same Images serialized (image_bytes): what the node publishes.
@@ -166,15 +165,14 @@ def rgb_to_msg(rgb: np.ndarray, header: Header | None) -> Image:
 
 def labels_to_bytes(labels: np.ndarray, header: Header | None) -> bytes:
     """labels_to_msg's Image, serialized."""
-    pixels, encoding, bpp = _labels(labels)
-    return image_bytes(pixels, encoding, header, bpp)
+    return image_bytes(*_labels(labels), header)
 
 
 def mono8_to_bytes(array_: np.ndarray, header: Header | None) -> bytes:
     """mono8_to_msg's Image, serialized."""
-    return image_bytes(*_mono8(array_)[:2], header, 1)
+    return image_bytes(*_mono8(array_), header)
 
 
 def rgb_to_bytes(rgb: np.ndarray, header: Header | None) -> bytes:
     """rgb_to_msg's Image, serialized."""
-    return image_bytes(*_rgb(rgb)[:2], header, 3)
+    return image_bytes(*_rgb(rgb), header)
