@@ -6,6 +6,7 @@ which the largest value of the dtype marks unlabeled pixels (255 for uint8, 6553
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,9 +35,16 @@ def palette(n: int) -> np.ndarray:
     return colors.astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=16)
 def class_colors(n: int) -> np.ndarray:
-    """Colours of vocabulary classes 0..n-1: the palette without its first (black) entry."""
-    return palette(n + 1)[1:]
+    """Colours of vocabulary classes 0..n-1: the palette without its first (black) entry.
+
+    Read-only and cached: the node asks for the same vocabulary's colours every frame, and
+    building them takes about as long as blending a 640x480 overlay.
+    """
+    colors = palette(n + 1)[1:]
+    colors.flags.writeable = False
+    return colors
 
 
 def unlabeled_value(labels: np.ndarray) -> int:
@@ -69,6 +77,30 @@ def class_counts(labels: np.ndarray) -> np.ndarray:
         return hist.ravel().astype(np.int64)
     bins = 256 if labels.dtype == np.uint8 else 65536
     return np.bincount(labels.ravel(), minlength=bins)
+
+
+def counts_of_classes(class_pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """class_counts(labels) from the pixels of each class alone (e.g. the engine's Result.counts,
+    reduced where the label map was made): the unlabeled value gets the pixels left over.
+
+    Saves the pass over the pixels when the caller already knows the counts; they must be the
+    label map's (a count past the classes' range or a total above its size raises).
+    """
+    labels = _check_labels(labels)
+    ignore = unlabeled_value(labels)
+    class_pixels = np.asarray(class_pixels)
+    if class_pixels.ndim != 1 or len(class_pixels) > ignore:
+        raise ValueError(
+            f"expected at most {ignore} class counts for a {labels.dtype} label map, "
+            f"got shape {class_pixels.shape}"
+        )
+    counts = np.zeros(ignore + 1, np.int64)
+    counts[: len(class_pixels)] = class_pixels
+    rest = labels.size - int(counts.sum())
+    if rest < 0 or (counts < 0).any():
+        raise ValueError(f"class counts do not fit a label map of {labels.size} pixels")
+    counts[ignore] = rest
+    return counts
 
 
 def _check_class_ids(labels: np.ndarray, num_colors: int, counts: np.ndarray | None = None) -> None:
@@ -143,7 +175,7 @@ class _LegendLayout:
     swatch: int
     row_h: int
     baseline: int
-    texts: list[str]
+    texts: tuple[str, ...]
     width: int
     height: int
 
@@ -168,6 +200,15 @@ def _legend_layout(
     height: int, width: int, texts: Sequence[str], margin: int
 ) -> _LegendLayout | None:
     """Size the legend for an image; drop rows or shorten names to fit, None if nothing fits."""
+    return _cached_layout(height, width, tuple(texts), margin)
+
+
+# Frames of a stream mostly repeat the image size and the classes in view, and sizing the text
+# takes tens of getTextSize calls; the layout is immutable, so a small cache serves them.
+@functools.lru_cache(maxsize=64)
+def _cached_layout(
+    height: int, width: int, texts: tuple[str, ...], margin: int
+) -> _LegendLayout | None:
     # Font grows with the image: about 0.5 at 480 px, 1.0 at 1000 px on the short side.
     scale = float(np.clip(min(height, width) / 1000.0, 0.35, 2.0))
     thickness = 1 if scale < 0.8 else 2
@@ -197,7 +238,7 @@ def _legend_layout(
         swatch=swatch,
         row_h=row_h,
         baseline=baseline,
-        texts=fitted,
+        texts=tuple(fitted),
         width=3 * pad + swatch + text_w,
         height=pad + rows * row_h,
     )
@@ -214,8 +255,9 @@ def _draw_legend(
         return
     x0, y0 = margin, margin
     x1, y1 = x0 + layout.width, y0 + layout.height
-    box = image[y0:y1, x0:x1].astype(np.float32) * (1.0 - _LEGEND_BOX_OPACITY)
-    image[y0:y1, x0:x1] = np.rint(box).astype(np.uint8)
+    box = image[y0:y1, x0:x1]
+    # Darken in place: scale, round, saturate (the same bytes as numpy's float32 rint).
+    cv2.convertScaleAbs(box, dst=box, alpha=1.0 - _LEGEND_BOX_OPACITY)
     for row, text in enumerate(layout.texts):
         class_id = entries[row][0]
         top = y0 + layout.pad + row * layout.row_h
@@ -238,8 +280,13 @@ def overlay(
     alpha: float = 0.5,
     names: Sequence[str] | None = None,
     legend: bool = True,
+    counts: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Blend class colours over an RGB image and, when ``names`` are given, draw a legend."""
+    """Blend class colours over an RGB image and, when ``names`` are given, draw a legend.
+
+    ``counts`` (class_counts of the same labels, e.g. counts_of_classes(result.counts, labels))
+    saves the pass that counts the pixels of each class.
+    """
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {rgb.shape} {rgb.dtype}")
@@ -252,14 +299,18 @@ def overlay(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
     rgb = np.ascontiguousarray(rgb)  # e.g. a BGR->RGB view with negative strides
-    out = rgb.copy()
-    counts = class_counts(labels)  # one pass, for the class-id check and the legend
+    ignore = unlabeled_value(labels)
+    if counts is None:
+        counts = class_counts(labels)  # one pass, for the class-id check and the legend
+    elif len(counts) != ignore + 1:
+        raise ValueError(f"counts must have {ignore + 1} entries (class_counts), got {len(counts)}")
     if alpha > 0.0:
         color_image = colorize(labels, colors, counts=counts)
-        blended = cv2.addWeighted(rgb, 1.0 - alpha, color_image, alpha, 0.0)
-        labelled = (labels != unlabeled_value(labels)).view(np.uint8)
-        out = cv2.copyTo(blended, labelled, out)
+        out = cv2.addWeighted(rgb, 1.0 - alpha, color_image, alpha, 0.0)
+        if counts[ignore]:  # unlabeled pixels keep the image as it is
+            out = cv2.copyTo(rgb, (labels == ignore).view(np.uint8), out)
     else:
+        out = rgb.copy()
         _check_class_ids(labels, len(colors), counts)
     if legend and names is not None:
         entries = legend_entries(labels, names, counts)

@@ -186,6 +186,9 @@ def test_result_statistics_agree_with_the_label_map(make_segmenter, photos):
     n = result.vocabulary.num_classes
     counts = np.array([(labels == c).sum() for c in range(n)])
     np.testing.assert_allclose(result.fractions, counts / labels.size, rtol=1e-6)
+    # Exact counts, as the overlay takes them instead of counting again.
+    assert result.counts.dtype == np.int64
+    np.testing.assert_array_equal(result.counts, counts)
     for c in range(n):
         expected = result.confidence[labels == c].mean() if counts[c] else 0.0
         assert result.scores[c] == pytest.approx(expected, rel=1e-4, abs=1e-6)

@@ -29,6 +29,7 @@ from std_msgs.msg import String
 from std_srvs.srv import SetBool
 from test_decode import build, image_msg
 
+from ovseg_ros import viz
 from ovseg_ros.ros import node_classmap, outputs
 from ovseg_ros.ros.decode import msg_to_array
 from ovseg_ros.ros.encode import rgb_to_msg
@@ -99,6 +100,11 @@ def test_outputs_of_a_sample_stream(harness, tiny_backbone):
     assert confidence.dtype == np.uint8 and confidence.max() > 0
     overlay = msg_to_array(frame["overlay"])
     assert overlay.shape == (480, 640, 3) and not np.array_equal(overlay, rgb)
+    # The picture viz.overlay draws from the published labels (default alpha 0.5, legend with
+    # the class map's names): the engine's counts the node passes change nothing in it.
+    names = [c["name"] for c in class_map["classes"]]
+    expected = viz.overlay(rgb, labels, viz.class_colors(len(names)), 0.5, names)
+    np.testing.assert_array_equal(overlay, expected)
     info = _by_stamp(infos)[stamp]
     assert info.header.frame_id == "camera_optical" and info.k[0] == 500.0
 

@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from ovseg_ros.viz import colorize, legend_entries, overlay, palette, unlabeled_value
+from ovseg_ros.viz import (
+    class_colors,
+    class_counts,
+    colorize,
+    counts_of_classes,
+    legend_entries,
+    overlay,
+    palette,
+    unlabeled_value,
+)
 
 # The PASCAL VOC colour map as published with the dataset (background + 20 classes).
 VOC_COLORS = [
@@ -249,3 +258,76 @@ def test_overlay_rejects_mismatched_inputs():
         overlay(np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8), palette(1))
     with pytest.raises(ValueError, match="alpha"):
         overlay(gradient_image(4, 4), np.zeros((4, 4), np.uint8), palette(1), alpha=1.5)
+
+
+# --- counts given by the caller --------------------------------------------------------------
+
+
+def blobs(height: int, width: int, classes: int, dtype=np.uint8, unlabeled: bool = True):
+    """Blocky labels of `classes` classes, with an unlabeled band on top when asked."""
+    rng = np.random.default_rng(classes)
+    labels = rng.integers(0, classes, (height // 8 + 1, width // 8 + 1)).astype(dtype)
+    labels = np.repeat(np.repeat(labels, 8, axis=0), 8, axis=1)[:height, :width].copy()
+    if unlabeled:
+        labels[: height // 5] = unlabeled_value(labels)
+    return labels
+
+
+@pytest.mark.parametrize("dtype, classes", [(np.uint8, 7), (np.uint16, 300)])
+@pytest.mark.parametrize("unlabeled", [True, False])
+def test_counts_of_classes_equal_class_counts(dtype, classes, unlabeled):
+    labels = blobs(61, 83, classes, dtype, unlabeled)
+    per_class = np.bincount(labels.ravel(), minlength=classes)[:classes]
+    np.testing.assert_array_equal(counts_of_classes(per_class, labels), class_counts(labels))
+
+
+def test_counts_of_classes_reject_counts_that_do_not_fit():
+    labels = blobs(10, 10, 3)
+    with pytest.raises(ValueError, match="at most 255"):
+        counts_of_classes(np.zeros(256, np.int64), labels)
+    with pytest.raises(ValueError, match="do not fit"):
+        counts_of_classes(np.array([60, 60]), labels)
+    with pytest.raises(ValueError, match="do not fit"):
+        counts_of_classes(np.array([-1, 5]), labels)
+
+
+@pytest.mark.parametrize("dtype, classes", [(np.uint8, 7), (np.uint16, 300)])
+@pytest.mark.parametrize("unlabeled", [True, False])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_overlay_with_given_counts_is_the_same_image(dtype, classes, unlabeled, alpha):
+    """The node passes the engine's counts; the picture must be the one overlay counts itself,
+    legend included, with and without unlabeled pixels (which keep the image)."""
+    labels = blobs(120, 160, classes, dtype, unlabeled)
+    rgb = gradient_image(120, 160)
+    colors = class_colors(classes)
+    names = [f"class {i}" for i in range(classes)]
+    per_class = np.bincount(labels.ravel(), minlength=classes)[:classes]
+    given = overlay(rgb, labels, colors, alpha, names, counts=counts_of_classes(per_class, labels))
+    np.testing.assert_array_equal(given, overlay(rgb, labels, colors, alpha, names))
+    if unlabeled:  # row 0 is unlabeled and above the legend (its margin is at least 1 pixel)
+        np.testing.assert_array_equal(given[0], rgb[0])
+
+
+def test_overlay_rejects_counts_of_another_dtype():
+    labels = blobs(20, 20, 3)
+    with pytest.raises(ValueError, match="256 entries"):
+        overlay(gradient_image(20, 20), labels, palette(3), counts=np.zeros(65536, np.int64))
+
+
+def test_class_colors_are_cached_and_read_only():
+    colors = class_colors(21)
+    assert class_colors(21) is colors
+    np.testing.assert_array_equal(colors, palette(22)[1:])
+    with pytest.raises(ValueError):
+        colors[0] = 0
+
+
+def test_legend_repeats_identically_from_its_cached_layout():
+    """Frames of a stream reuse the legend's layout; the drawing must not change."""
+    labels = blobs(240, 320, 5, unlabeled=False)
+    rgb = gradient_image(240, 320)
+    names = ["a rather long class name that will not fit " * 3, "b", "c", "d", "e"]
+    first = overlay(rgb, labels, palette(5), 0.5, names)
+    again = overlay(rgb, labels, palette(5), 0.5, names)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, overlay(rgb, labels, palette(5), 0.5, None))

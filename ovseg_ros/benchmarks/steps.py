@@ -111,13 +111,13 @@ def step_breakdown(
     n = vocab.num_classes
     colors = viz.class_colors(max(n, 1))
 
-    def to_host(pixels: Any) -> tuple[np.ndarray, np.ndarray]:
+    def to_host(pixels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # As Segmenter.segment after _labels: download with the per-class sums, then the
-        # fractions and mean scores.
+        # fractions, mean scores and counts.
         labels_np, conf_np, counts, sums = segmenter._download(pixels, vocab)
         _ = (counts / labels_np.size).astype(np.float32)
         _ = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
-        return labels_np, conf_np
+        return labels_np, conf_np, counts.astype(np.int64)
 
     samples: dict[str, list[float]] = {}
 
@@ -165,14 +165,21 @@ def step_breakdown(
             lambda: segmenter._labels(maps, image, cfg, frame.shape[:2]),
             True,
         )
-        labels, conf = timed("device->host copy + per-class stats", lambda: to_host(pixels))
+        labels, conf, counts = timed("device->host copy + per-class stats", lambda: to_host(pixels))
         conf8 = timed("confidence to 8 bits", lambda: viz.confidence_u8(conf))
         masks = timed(
             f"masks ({n}, one per class)", lambda: [viz.class_mask(labels, c) for c in range(n)]
         )
         image_out = timed(
-            "overlay + legend (viz.overlay)",
-            lambda: viz.overlay(frame, labels, colors, alpha, vocab.names),
+            "overlay + legend (viz.overlay, given the counts as the node gives them)",
+            lambda: viz.overlay(
+                frame,
+                labels,
+                colors,
+                alpha,
+                vocab.names,
+                counts=viz.counts_of_classes(counts, labels),
+            ),
         )
         if msg is not None:
             header = msg.header

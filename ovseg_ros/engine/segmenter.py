@@ -31,6 +31,7 @@ class Result:
     confidence: np.ndarray  # (H, W) float32 in [0, 1]: probability of the pixel's winning group
     fractions: np.ndarray  # (C,) float32: share of the image's pixels labelled with each class
     scores: np.ndarray  # (C,) float32: mean confidence over each class's pixels (0 if absent)
+    counts: np.ndarray  # (C,) int64: pixels labelled with each class (exact; fractions' numerators)
     vocabulary: Vocabulary  # the class map the label ids refer to
     timings: dict[str, float]  # ms: model (resize + network), postprocess, total + method's parts
 
@@ -414,7 +415,17 @@ class Segmenter:
         for labels_np, conf_np, counts, sums in outputs:
             fractions = (counts / labels_np.size).astype(np.float32)
             scores = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
-            results.append(Result(labels_np, conf_np, fractions, scores, vocab, dict(timings)))
+            results.append(
+                Result(
+                    labels=labels_np,
+                    confidence=conf_np,
+                    fractions=fractions,
+                    scores=scores,
+                    counts=counts.astype(np.int64),
+                    vocabulary=vocab,
+                    timings=dict(timings),
+                )
+            )
         return results
 
     @staticmethod

@@ -280,6 +280,11 @@ class NodeSession:
         """Engine, then node, frame by frame (see the module doc); samples in ms."""
         from ovseg_ros.viz import class_colors, overlay
 
+        try:  # the node's own overlay call (its outputs module has one since it passes counts)
+            from ovseg_ros.ros.outputs import overlay_image
+        except ImportError:  # an older revision's node called overlay() as below
+            overlay_image = None
+
         node, topics = self.node(1)
         relay = self.relay()
         images = bench_frames(self.size, FRAMES)
@@ -296,7 +301,10 @@ class NodeSession:
             # the node's overhead is allowed besides its own work.
             names = result.vocabulary.names
             t0 = time.perf_counter()
-            overlay(rgb, result.labels, class_colors(max(len(names), 1)), 0.5, names)
+            if overlay_image is not None:
+                overlay_image(rgb, result, 0.5)
+            else:
+                overlay(rgb, result.labels, class_colors(max(len(names), 1)), 0.5, names)
             overlay_ms = (time.perf_counter() - t0) * 1e3
             got = self.ask("one", key=node.get_name(), camera=0, frame=i, timeout=self.timeout)
             floor = relay and self.ask("one", key="floor", camera=0, frame=i, timeout=self.timeout)

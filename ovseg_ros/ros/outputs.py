@@ -21,7 +21,7 @@ import numpy as np
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
 from ..engine.segmenter import Result
-from ..viz import class_colors, class_mask, confidence_u8, overlay
+from ..viz import class_colors, class_mask, confidence_u8, counts_of_classes, overlay
 from .encode import header_copy, labels_to_bytes, mono8_to_bytes, rgb_to_bytes
 from .masks import MaskTopics
 from .params import NodeOptions
@@ -47,6 +47,18 @@ def scaled_camera_info(info: CameraInfo, width: int, height: int) -> CameraInfo:
     p[5], p[6] = p[5] * sy, (p[6] + 0.5) * sy - 0.5
     out.p = p
     return out
+
+
+def overlay_image(rgb: np.ndarray, result: Result, alpha: float) -> np.ndarray:
+    """The ~/overlay image of a frame: its class colours blended over `rgb`, with the legend.
+
+    The pixels of each class come with the result (counted where the label map was made), so
+    the overlay does not count them again. The node bench times this function as the overlay.
+    """
+    vocab = result.vocabulary
+    colors = class_colors(max(vocab.num_classes, 1))
+    counts = counts_of_classes(result.counts, result.labels)
+    return overlay(rgb, result.labels, colors, alpha, vocab.names, counts=counts)
 
 
 @dataclass
@@ -128,11 +140,7 @@ class OverlayOutput(Output):
         return options.publish_overlay
 
     def message(self, frame: SegmentedFrame) -> Any:
-        vocab = frame.result.vocabulary
-        colors = class_colors(max(vocab.num_classes, 1))
-        image = overlay(
-            frame.rgb, frame.result.labels, colors, frame.options.overlay_alpha, vocab.names
-        )
+        image = overlay_image(frame.rgb, frame.result, frame.options.overlay_alpha)
         return rgb_to_bytes(image, frame.header)
 
 
