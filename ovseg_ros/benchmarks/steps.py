@@ -16,6 +16,7 @@ import torch
 from ..engine import Segmenter
 from ..engine.inference import dense_maps, resize
 from ..engine.methods.base import collect_timings
+from ..engine.segmenter import class_statistics
 from .common import photo_frames, size_label, sync_for, time_calls
 
 
@@ -115,9 +116,8 @@ def step_breakdown(
         # As Segmenter.segment after _labels: download with the per-class sums, then the
         # fractions, mean scores and counts.
         labels_np, conf_np, counts, sums = segmenter._download(pixels, vocab)
-        _ = (counts / labels_np.size).astype(np.float32)
-        _ = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
-        return labels_np, conf_np, counts.astype(np.int64)
+        _, _, counts = class_statistics(counts, sums, labels_np.size)
+        return labels_np, conf_np, counts
 
     samples: dict[str, list[float]] = {}
 

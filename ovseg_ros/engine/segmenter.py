@@ -70,6 +70,16 @@ class Result:
         }
 
 
+def class_statistics(
+    counts: np.ndarray, sums: np.ndarray, pixels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Result's per-class fields from the downloaded pixel counts and confidence sums:
+    (fractions float32, mean scores float32 (0 where absent), counts int64)."""
+    fractions = (counts / pixels).astype(np.float32)
+    scores = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
+    return fractions, scores, counts.astype(np.int64)
+
+
 def load_backbone(cfg: SegmenterConfig) -> Backbone:
     """Load the model that a config names, on its device and precision."""
     return build_backbone(
@@ -413,15 +423,14 @@ class Segmenter:
         timings.update({k: v for k, v in extra.items() if k not in timings})
         results = []
         for labels_np, conf_np, counts, sums in outputs:
-            fractions = (counts / labels_np.size).astype(np.float32)
-            scores = np.where(counts > 0, sums / np.maximum(counts, 1), 0).astype(np.float32)
+            fractions, scores, counts = class_statistics(counts, sums, labels_np.size)
             results.append(
                 Result(
                     labels=labels_np,
                     confidence=conf_np,
                     fractions=fractions,
                     scores=scores,
-                    counts=counts.astype(np.int64),
+                    counts=counts,
                     vocabulary=vocab,
                     timings=dict(timings),
                 )
